@@ -1,0 +1,197 @@
+"""User-facing configuration, validated at construction."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import InitVar, dataclass, field
+from urllib.parse import urlparse
+
+from .errors import ConfigError
+
+__all__ = ["DEFAULT_MEMORY_ROOT", "CheckpointConfig", "parse_memory_budget", "resolve_durable_url"]
+
+DEFAULT_MEMORY_ROOT = "/dev/shm/tierckpt"
+MEMORY_ROOT_ENV = "TIERCKPT_MEMORY_ROOT"
+DEFAULT_DURABLE_DIR = "checkpoints"
+DURABLE_SCHEMES = ("file://", "s3://")
+_NAMESPACE = re.compile(r"^[A-Za-z0-9_-]+$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def host_ram_bytes() -> int:
+    """Total physical memory of this host."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def parse_memory_budget(value: int | str | None) -> int | None:
+    """Bytes from an int, a size such as ``"8GiB"``, or a share of host RAM such as ``"40%"``."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"memory_budget={value!r}: give bytes (int), '8GiB', or '40%'.")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ConfigError(f"memory_budget={value}: must be a positive number of bytes.")
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith("%"):
+            try:
+                pct = float(text[:-1])
+            except ValueError:
+                pct = -1.0
+            if not 20 <= pct <= 100:
+                raise ConfigError(
+                    f"memory_budget={value!r}: a share of host RAM must be between 20% and 100%."
+                )
+            return int(host_ram_bytes() * pct / 100)
+        m = _SIZE.match(text)
+        if m:
+            n = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
+            if n > 0:
+                return n
+    raise ConfigError(
+        f"memory_budget={value!r}: give bytes (int), a size like '8GiB' / '500MB', "
+        "or a share of host RAM between '20%' and '100%'."
+    )
+
+
+def resolve_durable_url(value: str | None) -> str:
+    """Normalise the durable location to an absolute ``file://`` URL or an ``s3://`` URL."""
+    if value is None or value == "":
+        return "file://" + os.path.abspath(DEFAULT_DURABLE_DIR)
+    if not isinstance(value, str):
+        raise ConfigError(f"durable_base_path={value!r}: expected a string URL.")
+    if value.startswith("file://"):
+        path = value[len("file://") :]
+        if not path:
+            raise ConfigError("durable_base_path='file://': give a directory, e.g. file:///mnt/ckpt")
+        return "file://" + os.path.abspath(os.path.expanduser(path))
+    if value.startswith("s3://"):
+        parsed = urlparse(value)
+        if not parsed.netloc:
+            raise ConfigError(
+                f"Invalid S3 tier base path {value!r}: expected s3://<bucket>/<prefix>, "
+                "e.g. s3://my-bucket/checkpoints."
+            )
+        return value.rstrip("/")
+    if "://" not in value:
+        # A bare path is a local directory.
+        return "file://" + os.path.abspath(os.path.expanduser(value))
+    raise ConfigError(
+        f"durable_base_path={value!r}: unsupported scheme; accepted: {', '.join(DURABLE_SCHEMES)} "
+        "(or a plain local directory path)."
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how a training job keeps its checkpoints.
+
+    The seed library's names are accepted too: ``s3_tier_base_path`` for
+    ``durable_base_path`` and ``save_to_s3`` for ``save_to_durable``.
+    """
+
+    namespace: str
+    """Unique id of the training job: letters, digits, '-' and '_'."""
+    world_size: int
+    """Number of distributed processes."""
+    durable_base_path: str | None = None
+    """``file:///dir`` or ``s3://bucket/prefix``; default ``./checkpoints``."""
+    memory_root: str | None = None
+    """Node-local tmpfs directory; default ``$TIERCKPT_MEMORY_ROOT`` or ``/dev/shm/tierckpt``."""
+    save_to_durable: bool = False
+    """Default for writers: also drain each saved step to the durable tier."""
+    memory_budget: int | str | None = None
+    """Bound on the memory tier of this node: bytes, ``'8GiB'``, or ``'40%'`` of host RAM."""
+    logger: logging.Logger | None = None
+    """Logger for tierckpt's messages; default the ``tierckpt`` logger."""
+    memory_keep_last: int = 3
+    """Committed steps kept in the memory tier (the newest ones)."""
+    log_file: str | None = None
+    """Also append this namespace's log lines to this file."""
+    durable_commit_timeout_s: float = 3600.0
+    """How long a durable drain waits for every rank's part before it gives up."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint (default: ``AWS_ENDPOINT_URL`` or AWS)."""
+    s3_region: str | None = None
+    """S3 region (default: the standard AWS chain)."""
+    s3_part_size: int = 32 * 2**20
+    """Multipart upload part size in bytes."""
+    s3_max_concurrency: int = 8
+    """Parallel requests per upload or download."""
+    s3_max_retries: int = 8
+    """Retries of a failed S3 request (throttling, 5xx, resets, timeouts)."""
+    s3_timeout_s: float = 60.0
+    """Timeout of one S3 request."""
+    durable_keep_last: int | None = None
+    """Durable steps kept (the newest); None keeps all."""
+    durable_keep_every: int | None = None
+    """Also keep every durable step that is a multiple of this."""
+    s3_tier_base_path: InitVar[str | None] = None
+    save_to_s3: InitVar[bool | None] = None
+    memory_budget_bytes: int | None = field(init=False, default=None)
+
+    def __post_init__(self, s3_tier_base_path: str | None, save_to_s3: bool | None) -> None:
+        if s3_tier_base_path is not None:
+            if self.durable_base_path is not None and self.durable_base_path != s3_tier_base_path:
+                raise ConfigError(
+                    "Give either durable_base_path or its alias s3_tier_base_path, not both."
+                )
+            if not str(s3_tier_base_path).startswith("s3://"):
+                raise ConfigError(
+                    f"Invalid S3 tier base path {s3_tier_base_path!r}: it must start with s3://, "
+                    "e.g. s3://my-bucket/checkpoints."
+                )
+            self.durable_base_path = s3_tier_base_path
+        if save_to_s3 is not None:
+            self.save_to_durable = bool(save_to_s3)
+        if not isinstance(self.namespace, str) or not self.namespace:
+            raise ConfigError("Namespace cannot be empty: set namespace to a unique job id.")
+        if not _NAMESPACE.match(self.namespace):
+            raise ConfigError(
+                f"Invalid namespace {self.namespace!r}: allowed characters are letters, digits, "
+                "hyphens and underscores."
+            )
+        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int):
+            raise ConfigError(f"world_size={self.world_size!r}: must be a positive int.")
+        if self.world_size <= 0:
+            raise ConfigError(f"world_size={self.world_size}: must be > 0.")
+        self.durable_base_path = resolve_durable_url(self.durable_base_path)
+        root = self.memory_root or os.environ.get(MEMORY_ROOT_ENV) or DEFAULT_MEMORY_ROOT
+        self.memory_root = os.path.abspath(os.path.expanduser(root))
+        self.memory_budget_bytes = parse_memory_budget(self.memory_budget)
+        if isinstance(self.memory_keep_last, bool) or not isinstance(self.memory_keep_last, int):
+            raise ConfigError("memory_keep_last must be an int >= 1.")
+        if self.memory_keep_last < 1:
+            raise ConfigError(f"memory_keep_last={self.memory_keep_last}: must be >= 1.")
+        for name in ("durable_keep_last", "durable_keep_every"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name}={v!r}: must be None or an int >= 1.")
+        if self.s3_part_size < 5 * 2**20:
+            raise ConfigError(f"s3_part_size={self.s3_part_size}: S3 parts must be >= 5 MiB.")
+        if self.s3_max_concurrency < 1 or self.s3_max_retries < 0 or self.s3_timeout_s <= 0:
+            raise ConfigError(
+                "s3_max_concurrency must be >= 1, s3_max_retries >= 0, s3_timeout_s > 0."
+            )
+        if self.durable_commit_timeout_s <= 0:
+            raise ConfigError("durable_commit_timeout_s must be > 0.")
+
+    @property
+    def log(self) -> logging.Logger:
+        """The logger tierckpt writes to."""
+        return self.logger or logging.getLogger("tierckpt")

@@ -1,0 +1,51 @@
+"""The tierckpt error hierarchy: every error says what went wrong and what to do."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointNotFoundError",
+    "ConfigError",
+    "DurableTierError",
+    "DurableUnavailableError",
+    "IntegrityError",
+    "InvalidStepError",
+    "MemoryBudgetError",
+    "TierFullError",
+    "TierckptError",
+]
+
+
+class TierckptError(Exception):
+    """Base of every error raised by tierckpt."""
+
+
+class ConfigError(TierckptError, ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+class InvalidStepError(ConfigError):
+    """A step id is missing or malformed (the seed's "Invalid step value")."""
+
+
+class CheckpointNotFoundError(TierckptError, FileNotFoundError):
+    """No committed checkpoint (or no valid copy of a needed file) exists in any tier."""
+
+
+class IntegrityError(TierckptError):
+    """Stored bytes failed their checksum, or a file is corrupt or foreign, in every tier."""
+
+
+class TierFullError(TierckptError):
+    """A tier has no room for a save; nothing committed was touched."""
+
+
+class MemoryBudgetError(TierFullError):
+    """A save does not fit in the memory budget even after evicting what may be evicted."""
+
+
+class DurableTierError(TierckptError):
+    """An operation on the durable tier failed after its retries."""
+
+
+class DurableUnavailableError(DurableTierError):
+    """The durable location (bucket, directory) is missing or unreachable."""

@@ -1,0 +1,100 @@
+"""Every path and key name tierckpt writes. No other module builds a name by hand.
+
+A step lives under ``<namespace>/step_<N>/`` in every tier:
+
+    <attempt>-r<rank>.data           data blobs of one rank (one save attempt)
+    <attempt>-r<rank>.manifest.json  that rank's manifest: files, sizes, checksums
+    <attempt>-r<rank>.drained        memory tier only: that rank's part is in the durable tier
+    <attempt>.metadata               DCP metadata (written by the coordinator)
+    COMMIT                           the commit record, written last
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from .errors import InvalidStepError
+
+__all__ = [
+    "COMMIT_NAME",
+    "attempt_of",
+    "data_name",
+    "drained_name",
+    "manifest_name",
+    "metadata_name",
+    "new_attempt_id",
+    "parse_step",
+    "parse_step_dir",
+    "step_dir",
+    "step_from_path",
+    "step_key",
+]
+
+COMMIT_NAME = "COMMIT"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_STEP_IN_PATH = re.compile(r"(?:^|[/\\])step_(\d+)(?:$|[/\\])")
+_ATTEMPT = re.compile(r"^[0-9a-f]{12}$")
+
+
+def new_attempt_id() -> str:
+    """A fresh id for one save attempt; names of different attempts never collide."""
+    return secrets.token_hex(6)
+
+
+def step_dir(namespace: str, step: int) -> str:
+    """The key prefix of one step, relative to a tier root."""
+    return f"{namespace}/step_{step}"
+
+
+def step_key(namespace: str, step: int, name: str) -> str:
+    """The key of one file of a step."""
+    return f"{step_dir(namespace, step)}/{name}"
+
+
+def data_name(attempt: str, rank: int) -> str:
+    return f"{attempt}-r{rank}.data"
+
+
+def manifest_name(attempt: str, rank: int) -> str:
+    return f"{attempt}-r{rank}.manifest.json"
+
+
+def drained_name(attempt: str, rank: int) -> str:
+    return f"{attempt}-r{rank}.drained"
+
+
+def metadata_name(attempt: str) -> str:
+    return f"{attempt}.metadata"
+
+
+def attempt_of(name: str) -> str | None:
+    """The attempt id a file name belongs to, or None for names of no attempt."""
+    head = name.split("-", 1)[0].split(".", 1)[0]
+    return head if _ATTEMPT.match(head) else None
+
+
+def parse_step_dir(name: str) -> int | None:
+    """The step of a ``step_<N>`` directory name, or None for anything else."""
+    m = _STEP_DIR.match(name)
+    return int(m.group(1)) if m else None
+
+
+def parse_step(value: object) -> int:
+    """Validate a step id given by a user: a non-negative int."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidStepError(
+            f"Invalid step value {value!r}: pass step=<non-negative int>, "
+            "or a path / checkpoint_id containing 'step_<N>' (e.g. 'step_100/checkpoint')."
+        )
+    if value < 0:
+        raise InvalidStepError(f"Invalid step value {value}: steps must be >= 0.")
+    return value
+
+
+def step_from_path(path: object) -> int | None:
+    """The N of the first ``step_<N>`` path component, or None when there is none."""
+    if path is None:
+        return None
+    m = _STEP_IN_PATH.search(str(path))
+    return int(m.group(1)) if m else None

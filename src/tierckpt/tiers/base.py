@@ -1,0 +1,62 @@
+"""The storage seam every tier implements: a handful of methods over ``str`` keys.
+
+Keys are ``/``-separated and relative to the tier's root. Tiers know nothing of DCP,
+steps or commits; :mod:`tierckpt.catalog` builds those on top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+
+from ..errors import CheckpointNotFoundError
+
+__all__ = ["Buffer", "KeyNotFoundError", "Tier"]
+
+Buffer = bytes | bytearray | memoryview
+
+
+class KeyNotFoundError(CheckpointNotFoundError):
+    """A key does not exist in a tier."""
+
+
+@runtime_checkable
+class Tier(Protocol):
+    """A flat key/value store of immutable blobs."""
+
+    name: str
+    """``"memory"``, ``"peer"`` or ``"durable"``: the label used in logs and counters."""
+    url: str
+    """Where the tier lives, for messages."""
+
+    def write(self, key: str, chunks: Iterable[Buffer]) -> int:
+        """Store the concatenated chunks under ``key``; readers see all of it or nothing."""
+        ...
+
+    def put_file(self, key: str, path: str) -> int:
+        """Store a local file's contents under ``key`` (atomic like :meth:`write`)."""
+        ...
+
+    def write_if_absent(self, key: str, data: Buffer) -> bool:
+        """Store ``data`` only if ``key`` does not exist; False if it did."""
+        ...
+
+    def read(self, key: str, offset: int = 0, length: int | None = None) -> Buffer:
+        """Bytes ``[offset, offset+length)`` of ``key``; raises :class:`KeyNotFoundError`."""
+        ...
+
+    def list(self, prefix: str) -> dict[str, int]:
+        """Every key under ``prefix/`` (relative to it) with its size in bytes."""
+        ...
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Names of the immediate sub-directories (common prefixes) of ``prefix/``."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error."""
+        ...
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every key under ``prefix/``."""
+        ...
