@@ -78,7 +78,9 @@ def resolve_durable_url(value: str | None) -> str:
     if value.startswith("file://"):
         path = value[len("file://") :]
         if not path:
-            raise ConfigError("durable_base_path='file://': give a directory, e.g. file:///mnt/ckpt")
+            raise ConfigError(
+                "durable_base_path='file://': give a directory, e.g. file:///mnt/ckpt"
+            )
         return "file://" + os.path.abspath(os.path.expanduser(path))
     if value.startswith("s3://"):
         parsed = urlparse(value)

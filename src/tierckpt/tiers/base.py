@@ -6,6 +6,7 @@ steps or commits; :mod:`tierckpt.catalog` builds those on top.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
@@ -49,7 +50,7 @@ class Tier(Protocol):
         """Every key under ``prefix/`` (relative to it) with its size in bytes."""
         ...
 
-    def list_dirs(self, prefix: str) -> list[str]:
+    def list_dirs(self, prefix: str) -> builtins.list[str]:
         """Names of the immediate sub-directories (common prefixes) of ``prefix/``."""
         ...
 

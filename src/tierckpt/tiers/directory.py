@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import errno
 import os
 import shutil
@@ -139,7 +141,7 @@ class DirectoryTier:
                     continue
         return out
 
-    def list_dirs(self, prefix: str) -> list[str]:
+    def list_dirs(self, prefix: str) -> builtins.list[str]:
         try:
             with os.scandir(self.path(prefix)) as it:
                 return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
@@ -165,7 +167,5 @@ class DirectoryTier:
 
 
 def _remove_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-    except FileNotFoundError:
-        pass

@@ -1,0 +1,34 @@
+"""tierckpt: tiered checkpointing (node memory, peer memory, durable object store) for PyTorch DCP."""
+
+from .config import CheckpointConfig
+from .dcp.reader import TieredStorageReader
+from .dcp.writer import TieredStorageWriter
+from .drain import wait_for_drains
+from .errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    DurableTierError,
+    DurableUnavailableError,
+    IntegrityError,
+    InvalidStepError,
+    MemoryBudgetError,
+    TierckptError,
+    TierFullError,
+)
+
+__all__ = [
+    "CheckpointConfig",
+    "CheckpointNotFoundError",
+    "ConfigError",
+    "DurableTierError",
+    "DurableUnavailableError",
+    "IntegrityError",
+    "InvalidStepError",
+    "MemoryBudgetError",
+    "TierFullError",
+    "TieredStorageReader",
+    "TieredStorageWriter",
+    "TierckptError",
+    "wait_for_drains",
+]
+__version__ = "0.1.0"

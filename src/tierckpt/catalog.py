@@ -1,0 +1,88 @@
+"""Steps of one namespace in one tier: which are committed, what they hold, can they be read."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from . import layout
+from .errors import IntegrityError
+from .manifest import CommitRecord
+from .tiers.base import KeyNotFoundError, Tier
+
+__all__ = ["StepCatalog", "StepSource"]
+
+
+@dataclass(frozen=True)
+class StepSource:
+    """A committed step as one tier records it."""
+
+    tier: Tier
+    record: CommitRecord
+
+
+class StepCatalog:
+    """Read-side view of ``<namespace>/step_<N>/`` directories in a tier."""
+
+    def __init__(self, tier: Tier, namespace: str, log: logging.Logger) -> None:
+        self.tier = tier
+        self.namespace = namespace
+        self.log = log
+
+    def key(self, step: int, name: str) -> str:
+        return layout.step_key(self.namespace, step, name)
+
+    def steps(self) -> list[int]:
+        """Every step directory present (committed or not), ascending."""
+        found = (layout.parse_step_dir(d) for d in self.tier.list_dirs(self.namespace))
+        return sorted(s for s in found if s is not None)
+
+    def files(self, step: int) -> dict[str, int]:
+        """Names and sizes of the files of one step."""
+        return self.tier.list(layout.step_dir(self.namespace, step))
+
+    def commit(self, step: int) -> CommitRecord | None:
+        """The step's commit record; None when uncommitted, corrupt or foreign (logged)."""
+        where = f"{self.tier.url}/{self.key(step, layout.COMMIT_NAME)}"
+        try:
+            data = self.tier.read(self.key(step, layout.COMMIT_NAME))
+        except KeyNotFoundError:
+            return None
+        try:
+            record = CommitRecord.from_json(data, where=where)
+        except IntegrityError as e:
+            self.log.warning("Ignoring step %d in the %s tier: %s", step, self.tier.name, e)
+            return None
+        if record.step != step or record.namespace != self.namespace:
+            self.log.warning(
+                "Ignoring %s: it records namespace %r step %d (a foreign or moved file).",
+                where,
+                record.namespace,
+                record.step,
+            )
+            return None
+        return record
+
+    def committed(self) -> dict[int, CommitRecord]:
+        """Committed steps and their records."""
+        out: dict[int, CommitRecord] = {}
+        for step in self.steps():
+            record = self.commit(step)
+            if record is not None:
+                out[step] = record
+        return out
+
+    def write_commit(self, record: CommitRecord) -> None:
+        """Make a step visible: the commit record is the last file written."""
+        self.tier.write(self.key(record.step, layout.COMMIT_NAME), [record.to_json()])
+
+    def missing_files(
+        self, record: CommitRecord, listing: dict[str, int] | None = None
+    ) -> list[str]:
+        """Files the record needs that this tier lacks (or holds at the wrong size)."""
+        have = self.files(record.step) if listing is None else listing
+        return [
+            name
+            for name, size in record.files().items()
+            if name not in have or (size >= 0 and have[name] != size)
+        ]

@@ -1,0 +1,307 @@
+"""``TieredStorageReader``: DCP's StorageReader reading each blob from the nearest valid tier."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader
+
+from .. import layout
+from .._log import logger_for, rate, step_message
+from ..catalog import StepCatalog, StepSource
+from ..config import CheckpointConfig
+from ..errors import CheckpointNotFoundError, ConfigError, IntegrityError, TierckptError
+from ..manifest import BlobInfo, checksum
+from ..tiers.base import Buffer, Tier
+from ..tiers.durable import open_durable_tier
+from ..tiers.memory import MemoryTier
+
+__all__ = ["TieredStorageReader"]
+
+_Choice = tuple[int, str]  # (step, attempt)
+
+
+class TieredStorageReader(StorageReader):
+    """Loads a step from the nearest tier holding a valid copy of each blob.
+
+    With ``step=None`` the ranks agree (collectively, when ``torch.distributed`` is
+    initialised) on the newest step that every rank can restore from some tier.
+    After ``dcp.load``: :attr:`step` is the step loaded and :attr:`bytes_read_by_tier`
+    counts bytes read from each tier.
+    """
+
+    def __init__(
+        self,
+        config: CheckpointConfig,
+        step: int | None = None,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, CheckpointConfig):
+            raise ConfigError(
+                f"config must be a tierckpt.CheckpointConfig, got {type(config).__name__}."
+            )
+        self.config = config
+        self.process_group = process_group
+        self.requested_step = layout.parse_step(step) if step is not None else None
+        self.step: int | None = None
+        self.bytes_read_by_tier: dict[str, int] = {"memory": 0, "durable": 0}
+        self.rank = dist.get_rank() if _dist_ready() else 0
+        self.log = logger_for(config)
+        self.memory = MemoryTier(config.memory_root or "")
+        self.durable = open_durable_tier(config)
+        self.tiers: list[Tier] = [self.memory, self.durable]
+        self._metadata: Metadata | None = None
+        self._storage_data: dict[Any, BlobInfo] = {}
+        if _dist_ready():
+            self._resolve()
+
+    # -- choosing the step --
+
+    def _sources(self) -> dict[_Choice, StepSource]:
+        """Every (step, attempt) this rank can restore, with the tier holding its commit."""
+        catalogs = [StepCatalog(t, self.config.namespace, self.log) for t in self.tiers]
+        records: dict[_Choice, StepSource] = {}
+        listings: dict[tuple[str, int], dict[str, int]] = {}
+        steps = sorted({s for c in catalogs for s in c.steps()}, reverse=True)
+        if self.requested_step is not None:
+            steps = [s for s in steps if s == self.requested_step]
+        for step in steps:
+            for cat in catalogs:
+                record = cat.commit(step)
+                if record is None or (step, record.attempt) in records:
+                    continue
+                missing = set(record.files())
+                for other in catalogs:
+                    key = (other.tier.name, step)
+                    if key not in listings:
+                        listings[key] = other.files(step)
+                    missing &= set(other.missing_files(record, listings[key]))
+                if missing:
+                    self.log.warning(
+                        step_message(
+                            self.rank,
+                            step,
+                            f"Not restorable from any tier: missing {sorted(missing)}",
+                        )
+                    )
+                    continue
+                records[(step, record.attempt)] = StepSource(cat.tier, record)
+        return records
+
+    def _resolve(self) -> None:
+        """Agree with every rank on (step, attempt), then read that step's DCP metadata."""
+        error: str | None = None
+        sources: dict[_Choice, StepSource] = {}
+        try:
+            sources = self._sources()
+        except Exception as e:  # surfaced after the collective, on every rank
+            error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        gathered: list[Any] = [(set(sources), error)]
+        if _dist_ready():
+            group = self.process_group
+            gathered = [None] * dist.get_world_size(group)
+            dist.all_gather_object(gathered, (set(sources), error), group=group)
+        errors = [err for _, err in gathered if err]
+        if errors:
+            raise TierckptError("Finding checkpoints failed: " + "; ".join(errors))
+        common: set[_Choice] = set.intersection(*(s for s, _ in gathered))
+        if not common:
+            raise self._not_found(sources)
+        choice = max(common)
+        source = sources[choice]
+        self.step = choice[0]
+        self._metadata = self._read_metadata(source)
+        self.log.info(
+            step_message(
+                self.rank,
+                self.step,
+                f"Loading attempt {choice[1]} (commit found in the {source.tier.name} tier)",
+            )
+        )
+
+    def _not_found(self, local: dict[_Choice, StepSource]) -> CheckpointNotFoundError:
+        where = f"memory ({self.memory.root}) or durable ({self.durable.url})"
+        ns = self.config.namespace
+        if self.requested_step is not None:
+            return CheckpointNotFoundError(
+                f"Step {self.requested_step} of namespace {ns!r} is not restorable by every rank from "
+                f"{where}: it is uncommitted, was evicted, or lost files. Load another step or pass step=None."
+            )
+        if local:
+            return CheckpointNotFoundError(
+                f"No step of namespace {ns!r} is restorable by every rank (this rank could load "
+                f"{sorted(s for s, _ in local)}); check that every node sees the durable tier {self.durable.url}."
+            )
+        return CheckpointNotFoundError(
+            f"No committed checkpoint of namespace {ns!r} in {where}: start from scratch or check "
+            "namespace, memory_root and durable_base_path."
+        )
+
+    def _read_metadata(self, source: StepSource) -> Metadata:
+        record = source.record
+        key = layout.step_key(self.config.namespace, record.step, record.metadata)
+        last: Exception | None = None
+        for tier in [source.tier, *[t for t in self.tiers if t is not source.tier]]:
+            try:
+                metadata = pickle.loads(tier.read(key))
+            except Exception as e:
+                last = e
+                continue
+            if isinstance(metadata, Metadata):
+                return metadata
+        raise IntegrityError(
+            f"Step {record.step}: DCP metadata {record.metadata} is unreadable in every tier ({last})."
+        )
+
+    # -- StorageReader --
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        step = layout.step_from_path(checkpoint_id) if checkpoint_id is not None else None
+        if step is not None and step != self.step:
+            self.requested_step = step
+            self._metadata = None
+        self.bytes_read_by_tier = {t.name: 0 for t in self.tiers}
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return False
+
+    def read_metadata(self, *args: Any) -> Metadata:
+        if self._metadata is None:
+            self._resolve()
+        assert self._metadata is not None
+        return self._metadata
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any) -> None:
+        self._storage_data = dict(metadata.storage_data or {})
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> torch.futures.Future[None]:
+        assert self.step is not None
+        t0 = time.perf_counter()
+        before = dict(self.bytes_read_by_tier)
+        per_file: dict[str, list[ReadItem]] = defaultdict(list)
+        for item in plan.items:
+            per_file[self._blob(item).relative_path].append(item)
+        workers = max(1, min(8, len(per_file)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="tierckpt-read") as pool:
+            loaded = list(pool.map(self._read_file, per_file.items()))
+        for items in loaded:
+            for item, buf in items:
+                self._apply(item, buf, planner)
+        total = sum(self.bytes_read_by_tier.values()) - sum(before.values())
+        by_tier = ", ".join(
+            f"{k}={v - before.get(k, 0)}" for k, v in self.bytes_read_by_tier.items()
+        )
+        self.log.info(
+            step_message(
+                self.rank,
+                self.step,
+                f"Read {len(plan.items)} items, {rate(total, time.perf_counter() - t0)}; bytes by tier: {by_tier}",
+            )
+        )
+        fut: torch.futures.Future[None] = torch.futures.Future()
+        fut.set_result(None)
+        return fut
+
+    def _blob(self, item: ReadItem) -> BlobInfo:
+        info = self._storage_data.get(item.storage_index)
+        if not isinstance(info, BlobInfo):
+            raise IntegrityError(
+                f"Step {self.step}: no tierckpt blob recorded for {item.storage_index.fqn}; the "
+                "metadata is foreign or corrupt."
+            )
+        return info
+
+    def _read_file(self, entry: tuple[str, list[ReadItem]]) -> list[tuple[ReadItem, Buffer]]:
+        """Read every blob of one file, memory first, falling through tier by tier."""
+        fname, items = entry
+        assert self.step is not None
+        key = layout.step_key(self.config.namespace, self.step, fname)
+        out: list[tuple[ReadItem, Buffer]] = []
+        for item in sorted(items, key=lambda i: self._blob(i).offset):
+            blob = self._blob(item)
+            reasons = []
+            for tier in self.tiers:
+                try:
+                    buf = tier.read(key, blob.offset, blob.length)
+                except Exception as e:
+                    reasons.append(f"{tier.name}: {type(e).__name__}: {e}")
+                    continue
+                if len(buf) != blob.length or checksum(buf) != blob.checksum:
+                    reasons.append(f"{tier.name}: checksum mismatch")
+                    self.log.warning(
+                        step_message(
+                            self.rank,
+                            self.step,
+                            f"Checksum mismatch for {fname} [{blob.offset}:+{blob.length}] ({item.storage_index.fqn}) in the {tier.name} tier; trying the next tier",
+                        )
+                    )
+                    continue
+                if tier is not self.memory:
+                    self.log.warning(
+                        step_message(
+                            self.rank,
+                            self.step,
+                            f"Read {item.storage_index.fqn} from the {tier.name} tier ({'; '.join(reasons)})",
+                        )
+                    )
+                self.bytes_read_by_tier[tier.name] = (
+                    self.bytes_read_by_tier.get(tier.name, 0) + blob.length
+                )
+                out.append((item, buf))
+                break
+            else:
+                raise IntegrityError(
+                    f"Step {self.step}: no valid copy of {fname} [{blob.offset}:+{blob.length}] "
+                    f"({item.storage_index.fqn}) in any tier: {'; '.join(reasons)}. Load an earlier "
+                    "step (TieredStorageReader(config, step=N))."
+                )
+        return out
+
+    def _apply(self, item: ReadItem, buf: Buffer, planner: LoadPlanner) -> None:
+        blob = self._blob(item)
+        if item.type == LoadItemType.BYTE_IO:
+            planner.load_bytes(item, io.BytesIO(bytes(buf)))
+            return
+        if blob.dtype is None or blob.shape is None:
+            raise IntegrityError(
+                f"Step {self.step}: blob of {item.storage_index.fqn} has no tensor type."
+            )
+        dtype = getattr(torch, blob.dtype)
+        if blob.length == 0:
+            tensor = torch.empty(blob.shape, dtype=dtype)
+        else:
+            writable = buf if isinstance(buf, bytearray) else bytearray(buf)
+            tensor = torch.frombuffer(writable, dtype=dtype).reshape(blob.shape)
+        tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
+        target = planner.resolve_tensor(item).detach()
+        if target.size() != tensor.size():
+            raise IntegrityError(
+                f"Step {self.step}: {item.storage_index.fqn} has shape {tuple(tensor.size())} in the "
+                f"checkpoint but {tuple(target.size())} in the state dict being loaded."
+            )
+        target.copy_(tensor)
+        planner.commit_tensor(item, target)
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()

@@ -1,0 +1,106 @@
+"""Memory-tier retention: keep the newest steps, stay under the budget, sweep debris.
+
+Rules (DESIGN invariant 5): the newest committed step is never evicted, nor a step
+whose durable drain is still pending. Half-written steps older than the newest
+committed one, and files of superseded attempts, are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import layout
+from .catalog import StepCatalog
+from .errors import MemoryBudgetError
+from .manifest import CommitRecord
+from .tiers.memory import MemoryTier
+
+__all__ = ["drain_pending", "make_room", "sweep"]
+
+
+def drain_pending(record: CommitRecord, listing: dict[str, int]) -> bool:
+    """True while some rank's part of a durable step is not yet in the durable tier."""
+    if not record.durable:
+        return False
+    return any(layout.drained_name(r.attempt, r.rank) not in listing for r in record.ranks)
+
+
+def _evictable(catalog: StepCatalog, committed: dict[int, CommitRecord]) -> list[int]:
+    """Committed steps that may be evicted, oldest first."""
+    if not committed:
+        return []
+    newest = max(committed)
+    out = []
+    for step in sorted(committed):
+        if step == newest:
+            continue
+        if drain_pending(committed[step], catalog.files(step)):
+            continue
+        out.append(step)
+    return out
+
+
+def sweep(catalog: StepCatalog, keep_last: int, log: logging.Logger) -> None:
+    """Apply ``keep_last`` and remove half-written steps and superseded attempt files."""
+    tier = catalog.tier
+    committed = catalog.committed()
+    newest = max(committed) if committed else None
+    for step in catalog.steps():
+        if step in committed:
+            continue
+        if newest is not None and step < newest:
+            log.info("Removing half-written step %d from the memory tier.", step)
+            tier.delete_prefix(layout.step_dir(catalog.namespace, step))
+    evictable = _evictable(catalog, committed)
+    excess = len(committed) - keep_last
+    for step in evictable[: max(excess, 0)]:
+        log.info("Evicting step %d from the memory tier (memory_keep_last=%d).", step, keep_last)
+        tier.delete_prefix(layout.step_dir(catalog.namespace, step))
+        del committed[step]
+    for step, record in committed.items():
+        _remove_superseded(catalog, step, record)
+
+
+def _remove_superseded(catalog: StepCatalog, step: int, record: CommitRecord) -> None:
+    """Delete files of earlier attempts of a committed step (older than its commit)."""
+    tier = catalog.tier
+    if not isinstance(tier, MemoryTier):
+        return
+    commit_mtime = tier.mtime(catalog.key(step, layout.COMMIT_NAME))
+    if commit_mtime is None:
+        return
+    live = {r.attempt for r in record.ranks} | {record.attempt}
+    for name in catalog.files(step):
+        attempt = layout.attempt_of(name)
+        if attempt is None or attempt in live:
+            continue
+        mtime = tier.mtime(catalog.key(step, name))
+        if mtime is not None and mtime < commit_mtime:
+            tier.delete(catalog.key(step, name))
+
+
+def make_room(catalog: StepCatalog, needed: int, budget: int | None, log: logging.Logger) -> None:
+    """Evict the oldest evictable steps until ``needed`` more bytes fit in ``budget``."""
+    if budget is None:
+        return
+    tier = catalog.tier
+    assert isinstance(tier, MemoryTier)
+    if needed > budget:
+        raise MemoryBudgetError(
+            f"A save of {needed} bytes on this rank exceeds the whole memory budget of {budget} "
+            f"bytes ({tier.root}): raise memory_budget or shard the state over more ranks."
+        )
+    committed = catalog.committed()
+    for step in [None, *_evictable(catalog, committed)]:
+        if step is not None:
+            log.info("Evicting step %d from the memory tier to stay under the budget.", step)
+            tier.delete_prefix(layout.step_dir(catalog.namespace, step))
+        used = tier.usage_bytes()
+        if used + needed <= budget:
+            return
+    raise MemoryBudgetError(
+        f"The memory tier at {tier.root} holds {used} bytes; {needed} more would exceed the "
+        f"budget of {budget} bytes and no step may be evicted (the newest committed step and "
+        "steps still draining to the durable tier are kept). Raise memory_budget, save less "
+        "often, or wait for pending durable drains."
+    )
