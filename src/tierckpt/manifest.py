@@ -32,6 +32,7 @@ class BlobInfo:
     checksum: str
     dtype: str | None = None  # "float32" for raw tensor blobs, None for bytes items
     shape: tuple[int, ...] | None = None
+    file_size: int = -1  # size of the whole data file, so the commit can list it
 
 
 @dataclass

@@ -13,9 +13,21 @@ from . import layout
 from .catalog import StepCatalog
 from .errors import MemoryBudgetError
 from .manifest import CommitRecord
+from .staging import StagingPool
 from .tiers.memory import MemoryTier
 
-__all__ = ["drain_pending", "make_room", "sweep"]
+__all__ = ["drain_pending", "evict", "make_room", "sweep"]
+
+
+def evict(catalog: StepCatalog, step: int) -> None:
+    """Remove a step from the memory tier, recycling its data files as staging buffers."""
+    tier = catalog.tier
+    if isinstance(tier, MemoryTier):
+        pool = StagingPool(tier, catalog.namespace)
+        data = [n for n in catalog.files(step) if n.endswith(".data")]
+        for name in data:
+            pool.recycle(tier.path(catalog.key(step, name)), keep=len(data))
+    tier.delete_prefix(layout.step_dir(catalog.namespace, step))
 
 
 def drain_pending(record: CommitRecord, listing: dict[str, int]) -> bool:
@@ -43,6 +55,8 @@ def _evictable(catalog: StepCatalog, committed: dict[int, CommitRecord]) -> list
 def sweep(catalog: StepCatalog, keep_last: int, log: logging.Logger) -> None:
     """Apply ``keep_last`` and remove half-written steps and superseded attempt files."""
     tier = catalog.tier
+    if isinstance(tier, MemoryTier):
+        StagingPool(tier, catalog.namespace).sweep_orphans()
     committed = catalog.committed()
     newest = max(committed) if committed else None
     for step in catalog.steps():
@@ -55,7 +69,7 @@ def sweep(catalog: StepCatalog, keep_last: int, log: logging.Logger) -> None:
     excess = len(committed) - keep_last
     for step in evictable[: max(excess, 0)]:
         log.info("Evicting step %d from the memory tier (memory_keep_last=%d).", step, keep_last)
-        tier.delete_prefix(layout.step_dir(catalog.namespace, step))
+        evict(catalog, step)
         del committed[step]
     for step, record in committed.items():
         _remove_superseded(catalog, step, record)
@@ -90,6 +104,10 @@ def make_room(catalog: StepCatalog, needed: int, budget: int | None, log: loggin
             f"A save of {needed} bytes on this rank exceeds the whole memory budget of {budget} "
             f"bytes ({tier.root}): raise memory_budget or shard the state over more ranks."
         )
+    used = tier.usage_bytes()
+    if used + needed <= budget:
+        return
+    StagingPool(tier, catalog.namespace).drop(used + needed - budget)
     committed = catalog.committed()
     for step in [None, *_evictable(catalog, committed)]:
         if step is not None:

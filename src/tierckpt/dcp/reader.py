@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import pickle
 import time
+import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,7 +25,7 @@ from ..catalog import StepCatalog, StepSource
 from ..config import CheckpointConfig
 from ..errors import CheckpointNotFoundError, ConfigError, IntegrityError, TierckptError
 from ..manifest import BlobInfo, checksum
-from ..tiers.base import Buffer, Tier
+from ..tiers.base import Buffer, KeyNotFoundError, Tier
 from ..tiers.durable import open_durable_tier
 from ..tiers.memory import MemoryTier
 
@@ -237,12 +239,17 @@ class TieredStorageReader(StorageReader):
         assert self.step is not None
         key = layout.step_key(self.config.namespace, self.step, fname)
         out: list[tuple[ReadItem, Buffer]] = []
+        mapped = _Mapping(self.memory, key)
         for item in sorted(items, key=lambda i: self._blob(i).offset):
             blob = self._blob(item)
             reasons = []
+            buf: Buffer
             for tier in self.tiers:
                 try:
-                    buf = tier.read(key, blob.offset, blob.length)
+                    if tier is self.memory:
+                        buf = mapped.view(blob.offset, blob.length)
+                    else:
+                        buf = tier.read(key, blob.offset, blob.length)
                 except Exception as e:
                     reasons.append(f"{tier.name}: {type(e).__name__}: {e}")
                     continue
@@ -290,8 +297,9 @@ class TieredStorageReader(StorageReader):
         if blob.length == 0:
             tensor = torch.empty(blob.shape, dtype=dtype)
         else:
-            writable = buf if isinstance(buf, bytearray) else bytearray(buf)
-            tensor = torch.frombuffer(writable, dtype=dtype).reshape(blob.shape)
+            with warnings.catch_warnings():  # mmap'd views are read-only; we only read them
+                warnings.simplefilter("ignore")
+                tensor = torch.frombuffer(buf, dtype=dtype).reshape(blob.shape)
         tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
         target = planner.resolve_tensor(item).detach()
         if target.size() != tensor.size():
@@ -301,6 +309,25 @@ class TieredStorageReader(StorageReader):
             )
         target.copy_(tensor)
         planner.commit_tensor(item, target)
+
+
+class _Mapping:
+    """A lazily opened read-only mapping of one memory-tier file: loads copy bytes once."""
+
+    def __init__(self, memory: MemoryTier, key: str) -> None:
+        self.memory, self.key = memory, key
+        self._mm: mmap.mmap | None = None
+        self._opened = False
+
+    def view(self, offset: int, length: int) -> memoryview:
+        if not self._opened:
+            self._opened = True
+            self._mm = self.memory.mapped(self.key)
+        if length == 0:
+            return memoryview(b"")
+        if self._mm is None or offset + length > len(self._mm):
+            raise KeyNotFoundError(f"{self.key} in the memory tier is shorter than expected")
+        return memoryview(self._mm)[offset : offset + length]
 
 
 def _dist_ready() -> bool:

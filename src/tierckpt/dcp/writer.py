@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from .. import layout
@@ -25,8 +27,10 @@ from ..drain import commit_durable, run_in_background, upload_rank_part, watch_d
 from ..errors import ConfigError, InvalidStepError
 from ..manifest import BlobInfo, CommitRecord, RankEntry, RankManifest, checksum
 from ..retention import make_room, sweep
+from ..staging import StagingBuffer, StagingPool, align, tensor_bytes
 from ..tiers.durable import open_durable_tier
 from ..tiers.memory import MemoryTier
+from ._stage import stage_into, staged_size
 
 __all__ = ["TieredStorageWriter"]
 
@@ -43,22 +47,17 @@ class _GlobalPlanData:
     durable: bool
 
 
-def _as_bytes_view(
-    item_type: WriteItemType, data: Any
-) -> tuple[memoryview, str | None, tuple[int, ...] | None]:
-    """The raw bytes of one resolved item, with dtype and shape for tensors."""
-    if item_type == WriteItemType.BYTE_IO:
-        assert isinstance(data, io.BytesIO)
-        return data.getbuffer(), None, None
+def _tensor_of(data: Any) -> torch.Tensor:
     tensor = data.detach()
-    if tensor.device.type != "cpu":
-        tensor = tensor.cpu()
-    tensor = tensor.contiguous()
-    raw = tensor.reshape(-1).view(torch.uint8).numpy()
-    return memoryview(raw), str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape)
+    return tensor if tensor.device.type == "cpu" else tensor.cpu()
 
 
-class TieredStorageWriter(StorageWriter):
+def _raw(tensor: torch.Tensor) -> memoryview:
+    raw: Any = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+    return memoryview(raw)
+
+
+class TieredStorageWriter(StorageWriter, AsyncStager):
     """Saves a DCP checkpoint to the node's memory tier; chosen steps drain to durable.
 
     ``dcp.save`` / ``dcp.async_save`` complete once the memory tier has committed the
@@ -96,6 +95,7 @@ class TieredStorageWriter(StorageWriter):
         self._rank_attempts: dict[int, str] = {}
         self._upload: Future[int] | None = None
         self._manifest: RankManifest | None = None
+        self._staging: StagingBuffer | None = None
         if not self.save_to_durable:
             self.durable_done.set_result(None)
         self.memory = MemoryTier(config.memory_root or "")
@@ -108,6 +108,7 @@ class TieredStorageWriter(StorageWriter):
         state["durable_done"] = None
         state["_upload"] = None
         state["durable"] = None  # reopened on the other side; clients may not pickle
+        state["_staging"] = None  # staged tensors travel with the state dict
         if self.save_to_durable and not self._watching and self.step is not None:
             self._watching = True
             self._watch_from_parent()
@@ -189,6 +190,58 @@ class TieredStorageWriter(StorageWriter):
         glob = _GlobalPlanData(durable=self.save_to_durable)
         return [dataclasses.replace(p, storage_data=glob) for p in plans]
 
+    # -- AsyncStager: dcp.async_save copies the state dict once, into the memory tier --
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Copy every tensor once, into this rank's staging buffer in the memory tier."""
+        t0 = time.perf_counter()
+        rank = self._rank_guess()
+        nbytes = staged_size(state_dict)
+        self.memory.ensure_root()
+        buffer = self._acquire(nbytes, rank)
+        try:
+            staged = stage_into(state_dict, buffer)
+        except BaseException:
+            self._release(buffer)
+            raise
+        self._staging = buffer
+        logger_for(self.config).info(
+            step_message(
+                rank,
+                self.step,
+                f"Staged into the memory tier: {rate(nbytes, time.perf_counter() - t0)}",
+            )
+        )
+        return staged
+
+    def synchronize_staging(self) -> None:
+        """Staging is synchronous: nothing to wait for."""
+
+    def close(self) -> None:
+        """Nothing to release: buffers return to the pool when their step is evicted."""
+
+    def _acquire(self, nbytes: int, rank: int) -> StagingBuffer:
+        """Claim a staging buffer (a pooled file when one fits) within the memory budget."""
+        pool = StagingPool(self.memory, self.config.namespace)
+        buffer = pool.acquire(nbytes, name=f"{self.attempt}-r{rank}")
+        try:
+            reused = buffer.reused_bytes
+            catalog = StepCatalog(self.memory, self.config.namespace, logger_for(self.config))
+            make_room(
+                catalog, max(nbytes - reused, 0), self.config.memory_budget_bytes, catalog.log
+            )
+        except BaseException:
+            self._release(buffer)
+            raise
+        return buffer
+
+    def _release(self, buffer: StagingBuffer) -> None:
+        buffer.close()
+        if not StagingPool(self.memory, self.config.namespace).recycle(buffer.path, keep=1):
+            _unlink(buffer.path)
+
     def write_data(
         self, plan: SavePlan, planner: SavePlanner
     ) -> torch.futures.Future[list[WriteResult]]:
@@ -211,28 +264,41 @@ class TieredStorageWriter(StorageWriter):
             )
         )
         ns, step, attempt, rank = self.config.namespace, self.step, self.attempt, self.rank
-        views: list[memoryview] = []
-        results: list[WriteResult] = []
-        blobs: list[list[Any]] = []
-        offset = 0
-        fname = layout.data_name(attempt, rank)
-        for item in plan.items:
-            view, dtype, shape = _as_bytes_view(item.type, planner.resolve_data(item))
-            digest = checksum(view)
-            info = BlobInfo(fname, offset, view.nbytes, digest, dtype, shape)
-            results.append(
-                WriteResult(index=item.index, size_in_bytes=view.nbytes, storage_data=info)
-            )
-            blobs.append([offset, view.nbytes, digest])
-            views.append(view)
-            offset += view.nbytes
         catalog = StepCatalog(self.memory, ns, log)
         sweep(catalog, self.config.memory_keep_last, log)
-        make_room(catalog, offset, self.config.memory_budget_bytes, log)
+        resolved = [(item, planner.resolve_data(item)) for item in plan.items]
+        buffer = self._staging
+        self._staging = None
+        if buffer is None and resolved:
+            need = sum(align(tensor_bytes(d)) for _, d in resolved if isinstance(d, torch.Tensor))
+            buffer = self._acquire(need, rank)
+        fname = layout.data_name(attempt, rank)
+        blobs: list[list[Any]] = []
+        infos: list[tuple[Any, BlobInfo]] = []
+        size = 0
+        try:
+            if buffer is not None:
+                tail = buffer.capacity
+                for item, data in resolved:
+                    info, tail = self._place(item.type, data, buffer, fname, tail)
+                    infos.append((item, info))
+                    blobs.append([info.offset, info.length, info.checksum])
+                size = tail if tail > buffer.capacity else buffer.used
+                buffer.finish(size)
+        except BaseException:
+            if buffer is not None:
+                self._release(buffer)
+            raise
         manifest = RankManifest(rank=rank, attempt=attempt, step=step, durable=self._durable)
-        if views:
-            self.memory.write(layout.step_key(ns, step, fname), views)
-            manifest.files[fname] = {"size": offset, "blobs": blobs}
+        if buffer is not None:
+            buffer.close()
+            if infos:
+                target = self.memory.path(layout.step_key(ns, step, fname))
+                os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+                os.rename(buffer.path, target)
+                manifest.files[fname] = {"size": size, "blobs": blobs}
+            else:
+                self._release(buffer)
         self.memory.write(
             layout.step_key(ns, step, layout.manifest_name(attempt, rank)), [manifest.to_json()]
         )
@@ -241,16 +307,56 @@ class TieredStorageWriter(StorageWriter):
             step_message(
                 rank,
                 step,
-                f"In-memory write completed: {len(views)} items, {rate(offset, time.perf_counter() - t0)}",
+                f"In-memory write completed: {len(infos)} items, {rate(size, time.perf_counter() - t0)}",
             )
         )
+        if self.config.memory_prefault and buffer is not None:
+            StagingPool(self.memory, ns).prefault_spare(
+                buffer.capacity, self.config.memory_budget_bytes
+            )
         if self._durable:
             self._start_drain(manifest)
         elif not self.durable_done.done():
             self.durable_done.set_result(None)
+        results = [
+            WriteResult(
+                index=item.index,
+                size_in_bytes=info.length,
+                storage_data=dataclasses.replace(info, file_size=size),
+            )
+            for item, info in infos
+        ]
         fut: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
         fut.set_result(results)
         return fut
+
+    @staticmethod
+    def _place(
+        item_type: WriteItemType, data: Any, buffer: StagingBuffer, fname: str, tail: int
+    ) -> tuple[BlobInfo, int]:
+        """Record one item's blob; returns it and the new tail.
+
+        Staged tensors are recorded in place; other tensors are copied into the mapped
+        region while it has room; anything else is appended at ``tail`` (past the region).
+        """
+        if item_type == WriteItemType.BYTE_IO:
+            assert isinstance(data, io.BytesIO)
+            view = data.getbuffer()
+            buffer.append(view, tail)
+            return BlobInfo(fname, tail, view.nbytes, checksum(view)), tail + view.nbytes
+        tensor = _tensor_of(data)
+        dtype, shape = str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape)
+        nbytes = tensor_bytes(tensor)
+        offset = buffer.offset_of(tensor)
+        if offset is None and nbytes and buffer.used + nbytes <= buffer.capacity:
+            offset = buffer.offset_of(buffer.place(tensor))
+        if offset is not None:
+            digest = checksum(buffer.memory(offset, nbytes))
+            return BlobInfo(fname, offset, nbytes, digest, dtype, shape), tail
+        start = align(tail)
+        raw = _raw(tensor)
+        buffer.append(raw, start)
+        return BlobInfo(fname, start, nbytes, checksum(raw), dtype, shape), start + nbytes
 
     def _start_drain(self, manifest: RankManifest) -> None:
         durable = self.durable or open_durable_tier(self.config)
@@ -289,8 +395,9 @@ class TieredStorageWriter(StorageWriter):
             attempt = self._rank_attempts.get(rank, self.attempt)
             size = 0
             for wr in rank_results:
-                storage_data[wr.index] = wr.storage_data
-                size += wr.size_in_bytes
+                info: BlobInfo = wr.storage_data
+                storage_data[wr.index] = info
+                size = max(size, info.file_size)
             files = {layout.data_name(attempt, rank): size} if rank_results else {}
             ranks.append(RankEntry(rank, attempt, layout.manifest_name(attempt, rank), files))
         metadata.storage_data = storage_data
@@ -332,3 +439,8 @@ class TieredStorageWriter(StorageWriter):
                 log.error(step_message(self.rank, record.step, f"Durable drain failed: {e}"))
 
         run_in_background(commit, name=f"tierckpt-commit-{record.step}")
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 
+from .base import KeyNotFoundError
 from .directory import DirectoryTier
 
 __all__ = ["MemoryTier"]
@@ -20,3 +22,15 @@ class MemoryTier(DirectoryTier):
         if not os.path.isdir(self.root):
             os.makedirs(self.root, mode=0o700, exist_ok=True)
             os.chmod(self.root, 0o700)
+
+    def mapped(self, key: str) -> mmap.mmap | None:
+        """A read-only mapping of ``key`` (None for an empty file); loads read through it."""
+        try:
+            fd = os.open(self.path(key), os.O_RDONLY)
+        except FileNotFoundError as e:
+            raise KeyNotFoundError(f"{key} not found in the memory tier ({self.url})") from e
+        try:
+            size = os.fstat(fd).st_size
+            return mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
+        finally:
+            os.close(fd)
