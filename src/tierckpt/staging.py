@@ -55,7 +55,13 @@ class StagingBuffer:
         self.reused_bytes = os.fstat(self._fd).st_size
         if self.reused_bytes < capacity:
             os.ftruncate(self._fd, capacity)
-        self._mmap = mmap.mmap(self._fd, capacity) if capacity else None
+        hits = _MAPPINGS.hits
+        self._mmap = _MAPPINGS.get(self._fd, capacity) if capacity else None
+        self.kind = (
+            "reused mapping"
+            if _MAPPINGS.hits > hits
+            else ("pooled file" if self.reused_bytes >= capacity else "new pages")
+        )
         self._base = _address(self._mmap) if self._mmap is not None else 0
         self._pinned = False
 
@@ -136,6 +142,64 @@ class StagingBuffer:
             os.close(self._fd)
 
 
+class _MappingCache:
+    """This process's mappings of staging files, kept across saves.
+
+    A new mapping of resident tmpfs pages still pays a minor fault per 4 KiB page
+    (~2.5 GB/s here); reusing the mapping a file had in an earlier save copies at
+    memcpy speed. Entries are keyed by inode and dropped once their file is deleted.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[int, int], tuple[int, mmap.mmap]] = {}
+        self.hits = 0
+
+    def get(self, fd: int, capacity: int) -> mmap.mmap:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        with self._lock:
+            self.prune()
+            entry = self._entries.get(key)
+            if entry is not None and len(entry[1]) == capacity:
+                self.hits += 1
+                return entry[1]
+            if entry is not None:
+                self._drop(key)
+            mm = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+            self._entries[key] = (os.dup(fd), mm)
+            return mm
+
+    def holds(self, path: str) -> bool:
+        """True when this process has a mapping of the file at ``path``."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) in self._entries
+
+    def prune(self) -> None:
+        """Unmap files that have been deleted, so their tmpfs pages are freed."""
+        for key, (fd, _mm) in list(self._entries.items()):
+            try:
+                gone = os.fstat(fd).st_nlink == 0
+            except OSError:
+                gone = True
+            if gone:
+                self._drop(key)
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        fd, mm = self._entries.pop(key)
+        with contextlib.suppress(BufferError, ValueError):
+            mm.close()  # fails while staged tensors still view it; then GC unmaps it
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
+_MAPPINGS = _MappingCache()
+
+
 def _address(mm: mmap.mmap) -> int:
     import ctypes
 
@@ -169,9 +233,10 @@ class StagingPool:
     def _candidates(self, nbytes: int) -> list[str]:
         """Pooled files, best fit first: the smallest that holds ``nbytes``, then the largest."""
         files = self._pooled()
-        fits = sorted((s, p) for p, s in files.items() if s >= nbytes)
+        # Files this process has mapped before come first: their mapping is reused.
+        fits = sorted((not _MAPPINGS.holds(p), s, p) for p, s in files.items() if s >= nbytes)
         short = sorted(((s, p) for p, s in files.items() if s < nbytes), reverse=True)
-        return [p for _, p in fits + short]
+        return [p for *_, p in fits] + [p for _, p in short]
 
     def _pooled(self) -> dict[str, int]:
         out = {}
@@ -187,7 +252,7 @@ class StagingPool:
             return False
         os.makedirs(self.pool_dir, mode=0o700, exist_ok=True)
         try:
-            os.rename(path, os.path.join(self.pool_dir, secrets.token_hex(8) + ".buf"))
+            os.rename(path, os.path.join(self.pool_dir, f"{secrets.token_hex(8)}.buf"))
         except FileNotFoundError:
             return False
         return True
@@ -217,11 +282,10 @@ class StagingPool:
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o600)
                 try:
                     os.ftruncate(fd, nbytes)
-                    with mmap.mmap(fd, nbytes) as mm:
-                        prefault(mm)
+                    prefault(_MAPPINGS.get(fd, nbytes))  # kept: the next save reuses it
                 finally:
                     os.close(fd)
-                os.rename(tmp, os.path.join(self.pool_dir, secrets.token_hex(8) + ".buf"))
+                os.rename(tmp, os.path.join(self.pool_dir, f"{secrets.token_hex(8)}.buf"))
             except OSError:
                 with contextlib.suppress(OSError):
                     os.remove(tmp)

@@ -211,7 +211,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             step_message(
                 rank,
                 self.step,
-                f"Staged into the memory tier: {rate(nbytes, time.perf_counter() - t0)}",
+                f"Staged into the memory tier ({buffer.kind}): {rate(nbytes, time.perf_counter() - t0)}",
             )
         )
         return staged
