@@ -15,6 +15,7 @@ from .errors import (
     TierckptError,
     TierFullError,
 )
+from .resume import resume_pending
 
 __all__ = [
     "CheckpointConfig",
@@ -29,6 +30,7 @@ __all__ = [
     "TieredStorageReader",
     "TieredStorageWriter",
     "TierckptError",
+    "resume_pending",
     "wait_for_drains",
 ]
 __version__ = "0.1.0"

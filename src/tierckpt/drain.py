@@ -26,6 +26,7 @@ from .tiers.memory import MemoryTier
 
 __all__ = [
     "commit_durable",
+    "in_flight",
     "run_in_background",
     "upload_rank_part",
     "wait_for_drains",
@@ -34,6 +35,8 @@ __all__ = [
 
 T = TypeVar("T")
 _PENDING: set[Future[Any]] = set()
+_IN_FLIGHT: set[tuple[str, int, str, int]] = set()
+"""(namespace, step, attempt, rank) of uploads running in this process."""
 _PENDING_LOCK = threading.Lock()
 
 
@@ -87,6 +90,7 @@ def upload_rank_part(
     """Copy one rank's files of a step to the durable tier; the manifest goes last."""
     t0 = time.perf_counter()
     step, rank, attempt = manifest.step, manifest.rank, manifest.attempt
+    _IN_FLIGHT.add((namespace, step, attempt, rank))
     total = 0
     for name in manifest.files:
         key = layout.step_key(namespace, step, name)
@@ -95,6 +99,7 @@ def upload_rank_part(
         layout.step_key(namespace, step, layout.manifest_name(attempt, rank)), [manifest.to_json()]
     )
     memory.write(layout.step_key(namespace, step, layout.drained_name(attempt, rank)), [b""])
+    _IN_FLIGHT.discard((namespace, step, attempt, rank))
     log.info(
         step_message(
             rank,
@@ -103,6 +108,11 @@ def upload_rank_part(
         )
     )
     return total
+
+
+def in_flight(namespace: str, step: int, attempt: str, rank: int) -> bool:
+    """True while this process is uploading that rank's part."""
+    return (namespace, step, attempt, rank) in _IN_FLIGHT
 
 
 def _poll(check: Callable[[], bool], deadline: float) -> bool:

@@ -9,6 +9,7 @@ import pickle
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,6 +26,7 @@ from ..catalog import StepCatalog, StepSource
 from ..config import CheckpointConfig
 from ..errors import CheckpointNotFoundError, ConfigError, IntegrityError, TierckptError
 from ..manifest import BlobInfo, checksum
+from ..resume import resume_pending_once
 from ..tiers.base import Buffer, KeyNotFoundError, Tier
 from ..tiers.durable import open_durable_tier
 from ..tiers.memory import MemoryTier
@@ -65,6 +67,7 @@ class TieredStorageReader(StorageReader):
         self.memory = MemoryTier(config.memory_root or "")
         self.durable = open_durable_tier(config)
         self.tiers: list[Tier] = [self.memory, self.durable]
+        resume_pending_once(config)
         self._metadata: Metadata | None = None
         self._storage_data: dict[Any, BlobInfo] = {}
         if _dist_ready():
@@ -234,55 +237,67 @@ class TieredStorageReader(StorageReader):
         return info
 
     def _read_file(self, entry: tuple[str, list[ReadItem]]) -> list[tuple[ReadItem, Buffer]]:
-        """Read every blob of one file, memory first, falling through tier by tier."""
+        """Read every blob of one file: memory first, then each tier for what is still missing.
+
+        Every blob is checked against its xxh3-128 checksum; a blob that fails in one tier is
+        read from the next, and one that fails everywhere raises: wrong bytes are never loaded.
+        """
         fname, items = entry
         assert self.step is not None
         key = layout.step_key(self.config.namespace, self.step, fname)
-        out: list[tuple[ReadItem, Buffer]] = []
-        mapped = _Mapping(self.memory, key)
-        for item in sorted(items, key=lambda i: self._blob(i).offset):
-            blob = self._blob(item)
-            reasons = []
-            buf: Buffer
-            for tier in self.tiers:
-                try:
-                    if tier is self.memory:
-                        buf = mapped.view(blob.offset, blob.length)
-                    else:
-                        buf = tier.read(key, blob.offset, blob.length)
-                except Exception as e:
-                    reasons.append(f"{tier.name}: {type(e).__name__}: {e}")
-                    continue
-                if len(buf) != blob.length or checksum(buf) != blob.checksum:
-                    reasons.append(f"{tier.name}: checksum mismatch")
-                    self.log.warning(
-                        step_message(
-                            self.rank,
-                            self.step,
-                            f"Checksum mismatch for {fname} [{blob.offset}:+{blob.length}] ({item.storage_index.fqn}) in the {tier.name} tier; trying the next tier",
-                        )
-                    )
-                    continue
-                if tier is not self.memory:
-                    self.log.warning(
-                        step_message(
-                            self.rank,
-                            self.step,
-                            f"Read {item.storage_index.fqn} from the {tier.name} tier ({'; '.join(reasons)})",
-                        )
-                    )
-                self.bytes_read_by_tier[tier.name] = (
-                    self.bytes_read_by_tier.get(tier.name, 0) + blob.length
-                )
-                out.append((item, buf))
+        pending = sorted(items, key=lambda i: self._blob(i).offset)
+        got: dict[int, Buffer] = {}
+        reasons: dict[int, list[str]] = defaultdict(list)
+        for tier in self.tiers:
+            if not pending:
                 break
-            else:
-                raise IntegrityError(
-                    f"Step {self.step}: no valid copy of {fname} [{blob.offset}:+{blob.length}] "
-                    f"({item.storage_index.fqn}) in any tier: {'; '.join(reasons)}. Load an earlier "
-                    "step (TieredStorageReader(config, step=N))."
+            fetched = self._fetch(tier, key, [self._blob(i) for i in pending])
+            still: list[ReadItem] = []
+            for item, buf in zip(pending, fetched, strict=True):
+                blob = self._blob(item)
+                if isinstance(buf, Exception):
+                    reasons[id(item)].append(f"{tier.name}: {type(buf).__name__}: {buf}")
+                elif len(buf) != blob.length or checksum(buf) != blob.checksum:
+                    reasons[id(item)].append(f"{tier.name}: checksum mismatch")
+                else:
+                    got[id(item)] = buf
+                    self.bytes_read_by_tier[tier.name] = (
+                        self.bytes_read_by_tier.get(tier.name, 0) + blob.length
+                    )
+                    continue
+                still.append(item)
+            if still and tier is not self.tiers[-1]:
+                self.log.warning(
+                    step_message(
+                        self.rank,
+                        self.step,
+                        f"{len(still)} of {len(pending)} blobs of {fname} are missing or corrupt in the "
+                        f"{tier.name} tier (first: {reasons[id(still[0])][-1]}); reading them from the next tier",
+                    )
                 )
-        return out
+            pending = still
+        if pending:
+            item = pending[0]
+            blob = self._blob(item)
+            raise IntegrityError(
+                f"Step {self.step}: no valid copy of {fname} [{blob.offset}:+{blob.length}] "
+                f"({item.storage_index.fqn}) in any tier: {'; '.join(reasons[id(item)])}. "
+                "Load an earlier step (TieredStorageReader(config, step=N))."
+            )
+        return [(item, got[id(item)]) for item in items]
+
+    def _fetch(self, tier: Tier, key: str, blobs: list[BlobInfo]) -> list[Buffer | Exception]:
+        """Bytes of each blob from one tier (an exception in place of a blob that failed)."""
+        if tier is self.memory:
+            mapped = _Mapping(self.memory, key)
+            return [_attempt(mapped.view, b.offset, b.length) for b in blobs]
+        read_ranges = getattr(tier, "read_ranges", None)
+        if read_ranges is not None:  # object stores: parallel ranged GETs, near ranges coalesced
+            try:
+                return list(read_ranges(key, [(b.offset, b.length) for b in blobs]))
+            except Exception as e:
+                return [e] * len(blobs)
+        return [_attempt(tier.read, key, b.offset, b.length) for b in blobs]
 
     def _apply(self, item: ReadItem, buf: Buffer, planner: LoadPlanner) -> None:
         blob = self._blob(item)
@@ -328,6 +343,13 @@ class _Mapping:
         if self._mm is None or offset + length > len(self._mm):
             raise KeyNotFoundError(f"{self.key} in the memory tier is shorter than expected")
         return memoryview(self._mm)[offset : offset + length]
+
+
+def _attempt(fn: Callable[..., Buffer], *args: Any) -> Buffer | Exception:
+    try:
+        return fn(*args)
+    except Exception as e:
+        return e
 
 
 def _dist_ready() -> bool:

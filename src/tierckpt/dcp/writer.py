@@ -24,8 +24,10 @@ from .._log import logger_for, rate, step_message
 from ..catalog import StepCatalog
 from ..config import CheckpointConfig
 from ..drain import commit_durable, run_in_background, upload_rank_part, watch_durable_commit
+from ..durable_retention import sweep_durable
 from ..errors import ConfigError, InvalidStepError
 from ..manifest import BlobInfo, CommitRecord, RankEntry, RankManifest, checksum
+from ..resume import resume_pending_once
 from ..retention import make_room, sweep
 from ..staging import StagingBuffer, StagingPool, align, tensor_bytes
 from ..tiers.durable import open_durable_tier
@@ -100,6 +102,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             self.durable_done.set_result(None)
         self.memory = MemoryTier(config.memory_root or "")
         self.durable = open_durable_tier(config) if self.save_to_durable else None
+        resume_pending_once(config)
 
     # -- pickling (DCP's PROCESS checkpointer ships the writer to a subprocess) --
 
@@ -434,6 +437,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
                     upload.result()
                 commit_durable(memory, durable, record, timeout, log)
                 done.set_result(None)
+                sweep_durable(self.config, durable, log)
             except BaseException as e:
                 done.set_exception(e)
                 log.error(step_message(self.rank, record.step, f"Durable drain failed: {e}"))
