@@ -1,0 +1,1 @@
+"""Drop-in APIs of other checkpointing libraries, backed by tierckpt."""
