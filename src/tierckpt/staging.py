@@ -9,6 +9,7 @@ instead of page-fault speed (see DESIGN "Measured on these machines").
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import secrets
@@ -16,6 +17,7 @@ import threading
 
 import torch
 
+from .errors import TierFullError
 from .tiers.memory import MemoryTier
 
 __all__ = ["ALIGN", "StagingBuffer", "StagingPool", "tensor_bytes"]
@@ -53,8 +55,19 @@ class StagingBuffer:
         self.used = 0
         self._fd = os.open(path, os.O_RDWR)
         self.reused_bytes = os.fstat(self._fd).st_size
-        if self.reused_bytes < capacity:
-            os.ftruncate(self._fd, capacity)
+        try:
+            # Allocate the blocks now: a full tmpfs then fails here with ENOSPC instead of
+            # killing the process with SIGBUS on a later write through the mapping.
+            if capacity:
+                os.posix_fallocate(self._fd, 0, capacity)
+        except OSError as e:
+            os.close(self._fd)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise TierFullError(
+                    f"The memory tier at {os.path.dirname(path)} has no room for a {capacity}-byte "
+                    "staging buffer: free tmpfs space, lower memory_keep_last or set memory_budget."
+                ) from e
+            raise
         hits = _MAPPINGS.hits
         self._mmap = _MAPPINGS.get(self._fd, capacity) if capacity else None
         self.kind = (
@@ -219,16 +232,26 @@ class StagingPool:
         """A buffer of at least ``nbytes``: a pooled file if one fits, else a new file."""
         os.makedirs(self.staging_dir, mode=0o700, exist_ok=True)
         path = os.path.join(self.staging_dir, f"{name}-p{os.getpid()}")
+        claimed = None
         for candidate in self._candidates(nbytes):
             try:
                 os.rename(candidate, path)  # atomic claim; another rank may win the race
+                claimed = candidate
                 break
             except FileNotFoundError:
                 continue
         else:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             os.close(fd)
-        return StagingBuffer(path, nbytes)
+        try:
+            return StagingBuffer(path, nbytes)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if claimed is not None:
+                    os.rename(path, claimed)
+                else:
+                    os.remove(path)
+            raise
 
     def _candidates(self, nbytes: int) -> list[str]:
         """Pooled files, best fit first: the smallest that holds ``nbytes``, then the largest."""
@@ -281,7 +304,7 @@ class StagingPool:
             try:
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o600)
                 try:
-                    os.ftruncate(fd, nbytes)
+                    os.posix_fallocate(fd, 0, nbytes)  # ENOSPC here, never SIGBUS later
                     prefault(_MAPPINGS.get(fd, nbytes))  # kept: the next save reuses it
                 finally:
                     os.close(fd)

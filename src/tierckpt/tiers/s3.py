@@ -11,6 +11,9 @@ bounded retry for exactly those (see :meth:`S3Tier._retry_transport`).
 Writes of more than one part stream through a multipart upload (``part_size`` parts,
 ``max_concurrency`` in flight), so memory stays bounded; reads larger than one part are split
 into ``part_size`` ranged GETs fetched in parallel, each request bounded by ``timeout_s``.
+
+obstore is not fork-safe: a process forked after its parent used S3 gets a clear
+:class:`DurableTierError` here instead of hanging; start such workers with ``spawn``.
 """
 
 from __future__ import annotations
@@ -60,6 +63,28 @@ def _obstore() -> ModuleType:
     return obstore
 
 
+_runtime_pid: int | None = None
+
+
+def _claim_runtime() -> None:
+    """Fail fast instead of hanging in a child forked from a process that used obstore.
+
+    obstore's tokio runtime does not survive ``fork()``: its threads are gone in the child
+    and every request there blocks forever. Processes that talk to S3 must be started with
+    the ``spawn`` or ``forkserver`` method, or fork before the parent first uses S3.
+    """
+    global _runtime_pid
+    pid = os.getpid()
+    if _runtime_pid is None:
+        _runtime_pid = pid
+    elif _runtime_pid != pid:
+        raise DurableTierError(
+            f"The S3 durable tier cannot be used in process {pid}: it was forked from process "
+            f"{_runtime_pid}, which had already used S3, and obstore does not survive fork(). "
+            "Start worker processes with multiprocessing's 'spawn' or 'forkserver' method."
+        )
+
+
 def _byte_view(chunk: Buffer) -> memoryview:
     """A flat unsigned-byte view of any contiguous buffer (obstore takes uint8 only)."""
     view = memoryview(chunk)
@@ -72,17 +97,21 @@ def _parts(chunks: Iterable[Buffer], part_size: int) -> Iterator[bytearray]:
     Copying into new buffers keeps the upload correct when a caller reuses one buffer
     between yields: obstore keeps a reference to each item until its part is sent.
     """
-    part = bytearray()
+    part = bytearray(part_size)
+    filled = 0
     for chunk in chunks:
         view = _byte_view(chunk)
         while view:
-            take = min(part_size - len(part), len(view))
-            part += view[:take]
+            take = min(part_size - filled, len(view))
+            part[filled : filled + take] = view[:take]
+            filled += take
             view = view[take:]
-            if len(part) == part_size:
+            if filled == part_size:
                 yield part
-                part = bytearray()
-    if part:
+                part = bytearray(part_size)
+                filled = 0
+    if filled:
+        del part[filled:]
         yield part
 
 
@@ -179,9 +208,10 @@ class S3Tier:
         )
         self.backoff_init_s = backoff_init_s
         self.backoff_max_s = backoff_max_s
+        self._provider = None if os.environ.get("AWS_ACCESS_KEY_ID") else _profile_credentials()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        self._store = self._make_store(
+        self._client = self._make_store(
             max_retries=max_retries,
             timeout_s=self.timeout_s,
             connect_timeout_s=min(self.timeout_s, 10.0),
@@ -219,6 +249,12 @@ class S3Tier:
         args = dict(state)
         self.__init__(args.pop("url"), **args)  # type: ignore[misc]
 
+    @property
+    def _store(self) -> S3Store:
+        """The obstore client; refuses to run in a child forked after obstore was used."""
+        _claim_runtime()
+        return self._client
+
     def close(self) -> None:
         """Stop the threads used for parallel ranged reads (they are restarted on demand)."""
         with self._pool_lock:
@@ -250,9 +286,7 @@ class S3Tier:
             config["virtual_hosted_style_request"] = False
             if self.endpoint_url.startswith("http://"):
                 client["allow_http"] = True
-        provider = None
-        if not os.environ.get("AWS_ACCESS_KEY_ID"):
-            provider = _profile_credentials()
+        provider = self._provider
         region = self.region or _profile_region(provider)
         if region:
             config["region"] = region
@@ -280,6 +314,7 @@ class S3Tier:
 
         One LIST request with a short timeout and one retry: a few seconds at most.
         """
+        _claim_runtime()
         timeout = min(self.timeout_s, 5.0)
         probe = self._make_store(
             max_retries=min(self.max_retries, 1),
@@ -301,7 +336,7 @@ class S3Tier:
             elif "NoSuchBucket" in str(e):
                 reason = "no such bucket"
             elif _is_transport_error(e):
-                reason = f"no answer from the endpoint within {timeout:g}s"
+                reason = f"connection failed or no answer within {timeout:g}s"
             else:
                 reason = _first_line(e, 160)
             raise self._unavailable(reason) from e
@@ -328,7 +363,7 @@ class S3Tier:
         if "NoSuchBucket" in text:
             return self._unavailable("no such bucket")
         if isinstance(e, FileNotFoundError):
-            return KeyNotFoundError(f"{key} not found in the {self.name} tier ({self.url})")
+            return self._missing(key or "")
         if not isinstance(e, exc.BaseError):
             return e
         status = _status(e)
@@ -501,7 +536,10 @@ class S3Tier:
             if ambiguous[0]:
                 # An attempt whose answer was lost may have created the object before this
                 # retry saw it: it is ours if it holds exactly our bytes.
-                return bytes(self.read(key)) == payload
+                try:
+                    return bytes(self.read(key)) == payload
+                except KeyNotFoundError:
+                    return False
             return False
         except exc.NotSupportedError:
             return self._write_if_absent_fallback(key, payload)
@@ -577,9 +615,18 @@ class S3Tier:
             return self._pool
 
     def _fetch(
-        self, key: str, pieces: Sequence[tuple[int, int]], etag: str | None
+        self,
+        key: str,
+        pieces: Sequence[tuple[int, int]],
+        etag: str | None,
+        into: tuple[memoryview, int] | None = None,
     ) -> list[memoryview]:
-        """Every piece, exactly (else :class:`KeyNotFoundError`), fetched in parallel."""
+        """Every piece, exactly (else :class:`KeyNotFoundError`), ``max_concurrency`` at a time.
+
+        With ``into=(view, base)``, the thread that fetched a piece copies it to
+        ``view[start - base:]`` and drops it, so at most ``max_concurrency`` pieces are held
+        at once; the list returned is then of empty views.
+        """
 
         def one(piece: tuple[int, int]) -> memoryview:
             s, e = piece
@@ -591,6 +638,10 @@ class S3Tier:
                 raise
             if len(data) != e - s:
                 raise self._short(key, size, e)
+            if into is not None:
+                view, base = into
+                view[s - base : e - base] = data
+                return memoryview(b"")
             return data
 
         if len(pieces) <= 1:
@@ -610,7 +661,7 @@ class S3Tier:
 
         Up to ``part_size`` bytes come from one ranged GET; the rest of a longer read is
         fetched as ``part_size`` ranged GETs in parallel (``max_concurrency``), pinned with
-        ``If-Match`` to the version the first answer came from.
+        ``If-Match`` to the version the first answer came from. Returns a new ``bytearray``.
         """
         self._check_key(key)
         if offset < 0 or (length is not None and length < 0):
@@ -618,7 +669,7 @@ class S3Tier:
         if length == 0:
             if self._head(key) is None:
                 raise self._missing(key)
-            return b""
+            return bytearray()
         first_end = offset + (self.part_size if length is None else min(length, self.part_size))
         try:
             first, size, etag = self._get_piece(key, offset, first_end, None)
@@ -630,24 +681,19 @@ class S3Tier:
             if meta is None:
                 raise self._missing(key) from e
             if length is None and offset == meta["size"]:
-                return b""
+                return bytearray()
             raise self._short(key, meta["size"], offset + (length or 1)) from e
         end = size if length is None else offset + length
         if end > size:
             raise self._short(key, size, end)
-        if len(first) >= end - offset:
-            return first[: end - offset]
-        out = bytearray(end - offset)
+        first_want = min(first_end, end) - offset
+        if len(first) < first_want:
+            raise self._short(key, offset + len(first), offset + first_want)
+        out = bytearray(end - offset)  # writable, like DirectoryTier's (torch.frombuffer)
         view = memoryview(out)
-        view[: len(first)] = first
+        view[:first_want] = first[:first_want]
         del first
-        rest = self._pieces(first_end, end)
-        # Fetched in windows so that at most max_concurrency pieces are held beside ``out``.
-        window = self.max_concurrency
-        for w in range(0, len(rest), window):
-            batch = rest[w : w + window]
-            for (lo, hi), data in zip(batch, self._fetch(key, batch, etag), strict=True):
-                view[lo - offset : hi - offset] = data
+        self._fetch(key, self._pieces(first_end, end), etag, into=(view, offset))
         return out
 
     def read_ranges(
@@ -659,7 +705,8 @@ class S3Tier:
         ``obstore.get_ranges``; unlike it, no request exceeds ``part_size`` (obstore merges
         adjacent ranges without limit, so a plan covering a whole file would become one huge
         GET under one timeout) and requests run ``max_concurrency`` at a time. A range within
-        one request is returned as a zero-copy view of it.
+        one request is returned as a read-only, zero-copy ``memoryview`` of its answer; one
+        that spans requests as a ``bytearray``.
         """
         self._check_key(key)
         for off, n in ranges:
