@@ -31,10 +31,17 @@ def evict(catalog: StepCatalog, step: int) -> None:
 
 
 def drain_pending(record: CommitRecord, listing: dict[str, int]) -> bool:
-    """True while some rank's part of a durable step is not yet in the durable tier."""
+    """True while a part of a durable step held on this node is not yet in the durable tier.
+
+    Parts written on other nodes (their manifests are not in ``listing``) are those nodes'
+    concern: each node's retention protects its own parts.
+    """
     if not record.durable:
         return False
-    return any(layout.drained_name(r.attempt, r.rank) not in listing for r in record.ranks)
+    return any(
+        r.manifest in listing and layout.drained_name(r.attempt, r.rank) not in listing
+        for r in record.ranks
+    )
 
 
 def _evictable(catalog: StepCatalog, committed: dict[int, CommitRecord]) -> list[int]:

@@ -42,11 +42,19 @@ class _LocalPlanData:
     rank: int
     step: int
     attempt: str
+    newest_committed: tuple[int, str] | None
+    """(step, attempt) of the newest commit in this rank's memory tier."""
 
 
 @dataclass(frozen=True)
 class _GlobalPlanData:
     durable: bool
+    install: tuple[bytes, bytes] | None = None
+    """(commit record, DCP metadata) of the previous step, for a node that lacks them."""
+
+
+_LAST_COMMIT: dict[tuple[str, str], tuple[int, str, bytes, bytes]] = {}
+"""Coordinator: (memory root, namespace) -> (step, attempt, commit JSON, metadata) of its last commit."""
 
 
 def _tensor_of(data: Any) -> torch.Tensor:
@@ -174,7 +182,16 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         assert self.step is not None
-        data = _LocalPlanData(rank=self.rank, step=self.step, attempt=self.attempt)
+        catalog = StepCatalog(self.memory, self.config.namespace, logger_for(self.config))
+        newest = None
+        for step in reversed(catalog.steps()):
+            record = catalog.commit(step)
+            if record is not None:
+                newest = (record.step, record.attempt)
+                break
+        data = _LocalPlanData(
+            rank=self.rank, step=self.step, attempt=self.attempt, newest_committed=newest
+        )
         return dataclasses.replace(plan, storage_data=data)
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
@@ -190,8 +207,17 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
                 "saving: set world_size=dist.get_world_size()."
             )
         self._rank_attempts = {i.rank: i.attempt for i in infos}
-        glob = _GlobalPlanData(durable=self.save_to_durable)
-        return [dataclasses.replace(p, storage_data=glob) for p in plans]
+        # The memory commit is written on this (the coordinator's) node; ranks on other nodes
+        # get the previous step's commit with this plan and install it in their own tier.
+        last = _LAST_COMMIT.get((self.memory.root, self.config.namespace))
+        out = []
+        for plan, info in zip(plans, infos, strict=True):
+            install = None
+            if last is not None and info.newest_committed != (last[0], last[1]):
+                install = (last[2], last[3])
+            glob = _GlobalPlanData(durable=self.save_to_durable, install=install)
+            out.append(dataclasses.replace(plan, storage_data=glob))
+        return out
 
     # -- AsyncStager: dcp.async_save copies the state dict once, into the memory tier --
 
@@ -268,6 +294,8 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         )
         ns, step, attempt, rank = self.config.namespace, self.step, self.attempt, self.rank
         catalog = StepCatalog(self.memory, ns, log)
+        if getattr(glob, "install", None):
+            self._install_commit(catalog, *glob.install)
         sweep(catalog, self.config.memory_keep_last, log)
         resolved = [(item, planner.resolve_data(item)) for item in plan.items]
         buffer = self._staging
@@ -332,6 +360,17 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         fut: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
         fut.set_result(results)
         return fut
+
+    def _install_commit(self, catalog: StepCatalog, record_json: bytes, metadata: bytes) -> None:
+        """Commit, in this node's memory tier, a step whose commit was written on another node."""
+        record = CommitRecord.from_json(record_json, where="the coordinator's commit record")
+        existing = catalog.commit(record.step)
+        if existing is not None and existing.attempt == record.attempt:
+            return
+        if not any(r.manifest in catalog.files(record.step) for r in record.ranks):
+            return  # none of this step's parts were written on this node
+        self.memory.write(catalog.key(record.step, record.metadata), [metadata])
+        catalog.write_commit(record)
 
     @staticmethod
     def _place(
@@ -405,7 +444,8 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             ranks.append(RankEntry(rank, attempt, layout.manifest_name(attempt, rank), files))
         metadata.storage_data = storage_data
         md_name = layout.metadata_name(self.attempt)
-        self.memory.write(layout.step_key(ns, step, md_name), [pickle.dumps(metadata)])
+        md_bytes = pickle.dumps(metadata)
+        self.memory.write(layout.step_key(ns, step, md_name), [md_bytes])
         record = CommitRecord(
             namespace=ns,
             step=step,
@@ -417,6 +457,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         )
         catalog = StepCatalog(self.memory, ns, log)
         catalog.write_commit(record)
+        _LAST_COMMIT[(self.memory.root, ns)] = (step, self.attempt, record.to_json(), md_bytes)
         log.info(
             step_message(
                 self.rank, step, f"Memory commit written in {time.perf_counter() - t0:.3f}s"
