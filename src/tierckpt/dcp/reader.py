@@ -70,8 +70,7 @@ class TieredStorageReader(StorageReader):
         resume_pending_once(config)
         self._metadata: Metadata | None = None
         self._storage_data: dict[Any, BlobInfo] = {}
-        if _dist_ready():
-            self._resolve()
+        self._resolve()  # collective when torch.distributed is initialised
 
     # -- choosing the step --
 

@@ -25,7 +25,7 @@ from ..catalog import StepCatalog
 from ..config import CheckpointConfig
 from ..drain import commit_durable, run_in_background, upload_rank_part, watch_durable_commit
 from ..durable_retention import sweep_durable
-from ..errors import ConfigError, InvalidStepError
+from ..errors import ConfigError, DurableTierError, InvalidStepError, TierckptError
 from ..manifest import BlobInfo, CommitRecord, RankEntry, RankManifest, checksum
 from ..resume import resume_pending_once
 from ..retention import make_room, sweep
@@ -145,7 +145,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
                 )
                 done.set_result(None)
             except BaseException as e:
-                done.set_exception(e)
+                done.set_exception(_typed(e, self.step))
 
         run_in_background(watch, name=f"tierckpt-watch-{step}", wait_at_exit=False)
 
@@ -422,7 +422,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
                 )
                 done.set_result(None)
             except BaseException as e:
-                done.set_exception(e)
+                done.set_exception(_typed(e, self.step))
 
         run_in_background(watch, name=f"tierckpt-watch-{manifest.step}", wait_at_exit=False)
 
@@ -480,10 +480,22 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
                 done.set_result(None)
                 sweep_durable(self.config, durable, log)
             except BaseException as e:
-                done.set_exception(e)
+                done.set_exception(_typed(e, self.step))
                 log.error(step_message(self.rank, record.step, f"Durable drain failed: {e}"))
 
         run_in_background(commit, name=f"tierckpt-commit-{record.step}")
+
+
+def _typed(error: BaseException, step: int | None) -> BaseException:
+    """A drain failure as a :class:`DurableTierError` (typed errors pass through)."""
+    if isinstance(error, TierckptError):
+        return error
+    wrapped = DurableTierError(
+        f"Step {step}: the durable drain failed ({type(error).__name__}: {error}); the step stays "
+        "committed in memory and the next writer or reader of the namespace resumes the drain."
+    )
+    wrapped.__cause__ = error
+    return wrapped
 
 
 def _unlink(path: str) -> None:
