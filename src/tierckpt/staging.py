@@ -14,6 +14,7 @@ import mmap
 import os
 import secrets
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -228,8 +229,15 @@ class StagingPool:
         self.pool_dir = os.path.join(memory.root, namespace, _POOL_DIR)
         self.staging_dir = os.path.join(memory.root, namespace, _STAGING_DIR)
 
-    def acquire(self, nbytes: int, name: str) -> StagingBuffer:
-        """A buffer of at least ``nbytes``: a pooled file if one fits, else a new file."""
+    def acquire(
+        self, nbytes: int, name: str, make_room: Callable[[int], None] | None = None
+    ) -> StagingBuffer:
+        """A buffer of ``nbytes``: a pooled file if one fits, else a new file.
+
+        ``make_room(extra)`` is called after the claim and before any allocation, with the
+        bytes the buffer will add to the tier (a claimed file already counts in its usage);
+        if it raises, the claim is undone.
+        """
         os.makedirs(self.staging_dir, mode=0o700, exist_ok=True)
         path = os.path.join(self.staging_dir, f"{name}-p{os.getpid()}")
         claimed = None
@@ -244,6 +252,12 @@ class StagingPool:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             os.close(fd)
         try:
+            existing = os.path.getsize(path)
+            if existing > nbytes:
+                os.truncate(path, nbytes)  # give back what this save does not need
+                existing = nbytes
+            if make_room is not None:
+                make_room(nbytes - existing)
             return StagingBuffer(path, nbytes)
         except BaseException:
             with contextlib.suppress(OSError):

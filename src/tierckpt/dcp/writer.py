@@ -253,18 +253,13 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
 
     def _acquire(self, nbytes: int, rank: int) -> StagingBuffer:
         """Claim a staging buffer (a pooled file when one fits) within the memory budget."""
-        pool = StagingPool(self.memory, self.config.namespace)
-        buffer = pool.acquire(nbytes, name=f"{self.attempt}-r{rank}")
-        try:
-            reused = buffer.reused_bytes
-            catalog = StepCatalog(self.memory, self.config.namespace, logger_for(self.config))
-            make_room(
-                catalog, max(nbytes - reused, 0), self.config.memory_budget_bytes, catalog.log
-            )
-        except BaseException:
-            self._release(buffer)
-            raise
-        return buffer
+        catalog = StepCatalog(self.memory, self.config.namespace, logger_for(self.config))
+        budget = self.config.memory_budget_bytes
+        return StagingPool(self.memory, self.config.namespace).acquire(
+            nbytes,
+            name=f"{self.attempt}-r{rank}",
+            make_room=lambda extra: make_room(catalog, extra, budget, catalog.log),
+        )
 
     def _release(self, buffer: StagingBuffer) -> None:
         buffer.close()
