@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LINT_PATHS := $(wildcard src tests benchmarks examples)
 # The CPU wheel of torch; set TORCH_INDEX=https://download.pytorch.org/whl/cpu where
 # no local wheel or mirror provides it.
 TORCH_SPEC ?= torch==2.13.0+cpu
@@ -22,8 +23,8 @@ $(STAMP): requirements-dev.txt pyproject.toml
 	touch $@
 
 lint: venv
-	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 typecheck: venv
 	$(VENV)/bin/mypy
