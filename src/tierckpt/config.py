@@ -10,7 +10,13 @@ from urllib.parse import urlparse
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_MEMORY_ROOT", "CheckpointConfig", "parse_memory_budget", "resolve_durable_url"]
+__all__ = [
+    "DEFAULT_MEMORY_ROOT",
+    "CheckpointConfig",
+    "parse_memory_budget",
+    "require_config",
+    "resolve_durable_url",
+]
 
 DEFAULT_MEMORY_ROOT = "/dev/shm/tierckpt"
 MEMORY_ROOT_ENV = "TIERCKPT_MEMORY_ROOT"
@@ -199,3 +205,12 @@ class CheckpointConfig:
     def log(self) -> logging.Logger:
         """The logger tierckpt writes to."""
         return self.logger or logging.getLogger("tierckpt")
+
+
+def require_config(config: object) -> CheckpointConfig:
+    """``config`` if it is a :class:`CheckpointConfig`, else a :class:`ConfigError`."""
+    if not isinstance(config, CheckpointConfig):
+        raise ConfigError(
+            f"config must be a tierckpt.CheckpointConfig, got {type(config).__name__}."
+        )
+    return config

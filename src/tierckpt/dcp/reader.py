@@ -23,8 +23,8 @@ from torch.distributed.checkpoint.storage import StorageReader
 from .. import layout
 from .._log import logger_for, rate, step_message
 from ..catalog import StepCatalog, StepSource
-from ..config import CheckpointConfig
-from ..errors import CheckpointNotFoundError, ConfigError, IntegrityError, TierckptError
+from ..config import CheckpointConfig, require_config
+from ..errors import CheckpointNotFoundError, IntegrityError, TierckptError
 from ..manifest import BlobInfo, checksum
 from ..resume import resume_pending_once
 from ..tiers.base import Buffer, KeyNotFoundError, Tier
@@ -53,11 +53,7 @@ class TieredStorageReader(StorageReader):
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(config, CheckpointConfig):
-            raise ConfigError(
-                f"config must be a tierckpt.CheckpointConfig, got {type(config).__name__}."
-            )
-        self.config = config
+        self.config = require_config(config)
         self.process_group = process_group
         self.requested_step = layout.parse_step(step) if step is not None else None
         self.step: int | None = None

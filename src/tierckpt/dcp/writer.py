@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from .. import layout
 from .._log import logger_for, rate, step_message
 from ..catalog import StepCatalog
-from ..config import CheckpointConfig
+from ..config import CheckpointConfig, require_config
 from ..drain import commit_durable, run_in_background, upload_rank_part, watch_durable_commit
 from ..durable_retention import sweep_durable
 from ..errors import ConfigError, DurableTierError, InvalidStepError, TierckptError
@@ -82,11 +82,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         save_to_durable: bool | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(config, CheckpointConfig):
-            raise ConfigError(
-                f"config must be a tierckpt.CheckpointConfig, got {type(config).__name__}."
-            )
-        self.config = config
+        self.config = require_config(config)
         self._explicit_step = layout.parse_step(step) if step is not None else None
         self.step: int | None = self._explicit_step
         if self.step is None and path is not None:
