@@ -26,7 +26,7 @@ def evict(catalog: StepCatalog, step: int) -> None:
         pool = StagingPool(tier, catalog.namespace)
         data = [n for n in catalog.files(step) if n.endswith(".data")]
         for name in data:
-            pool.recycle(tier.path(catalog.key(step, name)), keep=2 * len(data))
+            pool.recycle(tier.path(catalog.key(step, name)), keep=len(data))
     tier.delete_prefix(layout.step_dir(catalog.namespace, step))
 
 

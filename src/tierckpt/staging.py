@@ -25,7 +25,6 @@ __all__ = ["ALIGN", "StagingBuffer", "StagingPool", "tensor_bytes"]
 
 ALIGN = 64
 """Byte alignment of each blob in a data file."""
-_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; absent from Python's mmap constants before 3.14
 _POOL_DIR = ".pool"
 _STAGING_DIR = ".staging"
 
@@ -36,15 +35,6 @@ def align(n: int) -> int:
 
 def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def prefault(mm: mmap.mmap) -> None:
-    """Fault in every page of a shared mapping (MADV_POPULATE_WRITE, else touch each page)."""
-    try:
-        mm.madvise(_MADV_POPULATE_WRITE)
-    except (OSError, ValueError):
-        for off in range(0, len(mm), mmap.PAGESIZE):
-            mm[off] = mm[off]
 
 
 class StagingBuffer:
@@ -275,10 +265,13 @@ class StagingPool:
         short = sorted(((s, p) for p, s in files.items() if s < nbytes), reverse=True)
         return [p for *_, p in fits] + [p for _, p in short]
 
-    def _pooled(self) -> dict[str, int]:
+    def _pooled(self, *, filling: bool = False) -> dict[str, int]:
+        """Pooled files and sizes; spares still being allocated only when ``filling``."""
         out = {}
         with contextlib.suppress(FileNotFoundError), os.scandir(self.pool_dir) as it:
             for e in it:
+                if e.name.startswith(".") != filling:
+                    continue
                 with contextlib.suppress(FileNotFoundError):
                     out[e.path] = e.stat().st_size
         return out
@@ -309,6 +302,8 @@ class StagingPool:
         """In the background, add one pre-faulted file of ``nbytes`` if none fits and it is in budget."""
         if nbytes <= 0 or any(s >= nbytes for s in self._pooled().values()):
             return None
+        if self._pooled(filling=True):
+            return None  # one spare at a time
         if budget is not None and self.memory.usage_bytes() + nbytes > budget:
             return None
 
@@ -318,8 +313,9 @@ class StagingPool:
             try:
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o600)
                 try:
-                    os.posix_fallocate(fd, 0, nbytes)  # ENOSPC here, never SIGBUS later
-                    prefault(_MAPPINGS.get(fd, nbytes))  # kept: the next save reuses it
+                    # Both calls release the GIL (madvise does not): training threads run on.
+                    os.posix_fallocate(fd, 0, nbytes)  # allocates the pages; ENOSPC, never SIGBUS
+                    _MAPPINGS.get(fd, nbytes)  # MAP_POPULATE'd and kept: the next save reuses it
                 finally:
                     os.close(fd)
                 os.rename(tmp, os.path.join(self.pool_dir, f"{secrets.token_hex(8)}.buf"))

@@ -332,7 +332,10 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
                 f"In-memory write completed: {len(infos)} items, {rate(size, time.perf_counter() - t0)}",
             )
         )
-        if self.config.memory_prefault and buffer is not None:
+        # Until evictions feed the pool (fewer than keep_last steps committed), keep one
+        # pre-allocated spare there so the next save also copies into resident pages.
+        warming_up = len(catalog.committed()) < self.config.memory_keep_last
+        if self.config.memory_prefault and buffer is not None and warming_up:
             StagingPool(self.memory, ns).prefault_spare(
                 buffer.capacity, self.config.memory_budget_bytes
             )
