@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 
 import torch
+import xxhash
 
 from .errors import TierFullError
 from .tiers.memory import MemoryTier
@@ -49,7 +50,9 @@ class StagingBuffer:
         try:
             # Allocate the blocks now: a full tmpfs then fails here with ENOSPC instead of
             # killing the process with SIGBUS on a later write through the mapping.
-            if capacity:
+            # Files made here are always fully allocated, so a reused one that covers the
+            # capacity needs no second pass over its pages.
+            if capacity > self.reused_bytes:
                 os.posix_fallocate(self._fd, 0, capacity)
         except OSError as e:
             os.close(self._fd)
@@ -102,6 +105,25 @@ class StagingBuffer:
         if staged.numel():
             staged.copy_(tensor, non_blocking=self._pinned and tensor.is_cuda)
         return staged
+
+    def place_hashed(self, tensor: torch.Tensor, chunk: int = 4 << 20) -> tuple[int, str]:
+        """Copy a CPU tensor in and checksum it in one pass; (offset, xxh3-128 digest).
+
+        Each chunk is hashed right after it is copied, while it is still in cache.
+        """
+        nbytes = tensor_bytes(tensor)
+        offset = self.alloc(nbytes)
+        staged = self.view(offset, tensor.dtype, tuple(tensor.shape)).reshape(-1)
+        source = tensor.reshape(-1)
+        raw = self.memory(offset, nbytes)
+        hasher = xxhash.xxh3_128()
+        step = max(chunk // max(tensor.element_size(), 1), 1)
+        for start in range(0, staged.numel(), step):
+            staged[start : start + step].copy_(source[start : start + step])
+            hasher.update(
+                raw[start * tensor.element_size() : (start + step) * tensor.element_size()]
+            )
+        return offset, hasher.hexdigest()
 
     def offset_of(self, tensor: torch.Tensor) -> int | None:
         """The offset of ``tensor`` if it is a contiguous view inside the mapped region."""

@@ -6,11 +6,13 @@ import io
 import mmap
 import os
 import pickle
+import threading
 import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import torch
@@ -66,6 +68,7 @@ class TieredStorageReader(StorageReader):
         resume_pending_once(config)
         self._metadata: Metadata | None = None
         self._storage_data: dict[Any, BlobInfo] = {}
+        self._count_lock = threading.Lock()
         self._resolve()  # collective when torch.distributed is initialised
 
     # -- choosing the step --
@@ -201,12 +204,23 @@ class TieredStorageReader(StorageReader):
         per_file: dict[str, list[ReadItem]] = defaultdict(list)
         for item in plan.items:
             per_file[self._blob(item).relative_path].append(item)
+        # Resolve targets here (planners need not be thread-safe); the reads run in a pool.
+        targets: dict[int, torch.Tensor] = {}
+        direct: dict[int, torch.Tensor] = {}
+        for item in plan.items:
+            if item.type != LoadItemType.BYTE_IO:
+                target = targets[id(item)] = planner.resolve_tensor(item).detach()
+                if self._direct_ok(item, target):
+                    direct[id(item)] = target
         workers = max(1, min(8, len(per_file)))
         with ThreadPoolExecutor(workers, thread_name_prefix="tierckpt-read") as pool:
-            loaded = list(pool.map(self._read_file, per_file.items()))
+            loaded = list(pool.map(partial(self._read_file, direct=direct), per_file.items()))
         for items in loaded:
             for item, buf in items:
-                self._apply(item, buf, planner)
+                if buf is None:  # read straight into its target and verified there
+                    planner.commit_tensor(item, direct[id(item)])
+                else:
+                    self._apply(item, buf, planner, targets.get(id(item)))
         total = sum(self.bytes_read_by_tier.values()) - sum(before.values())
         by_tier = ", ".join(
             f"{k}={v - before.get(k, 0)}" for k, v in self.bytes_read_by_tier.items()
@@ -222,6 +236,23 @@ class TieredStorageReader(StorageReader):
         fut.set_result(None)
         return fut
 
+    def _direct_ok(self, item: ReadItem, target: torch.Tensor) -> bool:
+        """True when a blob maps byte for byte onto its (contiguous CPU) target tensor."""
+        blob = self._blob(item)
+        return (
+            blob.shape is not None
+            and target.device.type == "cpu"
+            and target.is_contiguous()
+            and str(target.dtype).removeprefix("torch.") == blob.dtype
+            and tuple(target.shape) == tuple(blob.shape)
+            and tuple(item.lengths) == tuple(blob.shape)
+            and not any(item.storage_offsets)
+        )
+
+    def _count(self, tier: Tier, nbytes: int) -> None:
+        with self._count_lock:
+            self.bytes_read_by_tier[tier.name] = self.bytes_read_by_tier.get(tier.name, 0) + nbytes
+
     def _blob(self, item: ReadItem) -> BlobInfo:
         info = self._storage_data.get(item.storage_index)
         if not isinstance(info, BlobInfo):
@@ -231,7 +262,9 @@ class TieredStorageReader(StorageReader):
             )
         return info
 
-    def _read_file(self, entry: tuple[str, list[ReadItem]]) -> list[tuple[ReadItem, Buffer]]:
+    def _read_file(
+        self, entry: tuple[str, list[ReadItem]], direct: dict[int, torch.Tensor]
+    ) -> list[tuple[ReadItem, Buffer | None]]:
         """Read every blob of one file: memory first, then each tier for what is still missing.
 
         Every blob is checked against its xxh3-128 checksum; a blob that fails in one tier is
@@ -241,8 +274,9 @@ class TieredStorageReader(StorageReader):
         assert self.step is not None
         key = layout.step_key(self.config.namespace, self.step, fname)
         pending = sorted(items, key=lambda i: self._blob(i).offset)
-        got: dict[int, Buffer] = {}
+        got: dict[int, Buffer | None] = {}
         reasons: dict[int, list[str]] = defaultdict(list)
+        pending = self._read_direct(key, pending, direct, got, reasons)
         for tier in self.tiers:
             if not pending:
                 break
@@ -256,9 +290,7 @@ class TieredStorageReader(StorageReader):
                     reasons[id(item)].append(f"{tier.name}: checksum mismatch")
                 else:
                     got[id(item)] = buf
-                    self.bytes_read_by_tier[tier.name] = (
-                        self.bytes_read_by_tier.get(tier.name, 0) + blob.length
-                    )
+                    self._count(tier, blob.length)
                     continue
                 still.append(item)
             if still and tier is not self.tiers[-1]:
@@ -281,6 +313,41 @@ class TieredStorageReader(StorageReader):
             )
         return [(item, got[id(item)]) for item in items]
 
+    def _read_direct(
+        self,
+        key: str,
+        items: list[ReadItem],
+        direct: dict[int, torch.Tensor],
+        got: dict[int, Buffer | None],
+        reasons: dict[int, list[str]],
+    ) -> list[ReadItem]:
+        """Memory tier, one copy: read blobs straight into their targets, hashing as it goes.
+
+        A blob that fails its checksum leaves its target to be overwritten by the next tier's
+        verified bytes (or the load raises): wrong bytes are never returned.
+        """
+        rest = []
+        for item in items:
+            target = direct.get(id(item))
+            if target is None:
+                rest.append(item)
+                continue
+            blob = self._blob(item)
+            raw: Any = target.reshape(-1).view(torch.uint8).numpy()
+            try:
+                digest = self.memory.read_into(key, blob.offset, memoryview(raw))
+            except Exception as e:
+                reasons[id(item)].append(f"memory: {type(e).__name__}: {e}")
+                digest = None
+            if digest == blob.checksum:
+                got[id(item)] = None
+                self._count(self.memory, blob.length)
+            else:
+                if digest is not None:
+                    reasons[id(item)].append("memory: checksum mismatch")
+                rest.append(item)
+        return rest
+
     def _fetch(self, tier: Tier, key: str, blobs: list[BlobInfo]) -> list[Buffer | Exception]:
         """Bytes of each blob from one tier (an exception in place of a blob that failed)."""
         if tier is self.memory:
@@ -294,7 +361,9 @@ class TieredStorageReader(StorageReader):
                 return [e] * len(blobs)
         return [_attempt(tier.read, key, b.offset, b.length) for b in blobs]
 
-    def _apply(self, item: ReadItem, buf: Buffer, planner: LoadPlanner) -> None:
+    def _apply(
+        self, item: ReadItem, buf: Buffer, planner: LoadPlanner, target: torch.Tensor | None
+    ) -> None:
         blob = self._blob(item)
         if item.type == LoadItemType.BYTE_IO:
             planner.load_bytes(item, io.BytesIO(bytes(buf)))
@@ -311,7 +380,8 @@ class TieredStorageReader(StorageReader):
                 warnings.simplefilter("ignore")
                 tensor = torch.frombuffer(buf, dtype=dtype).reshape(blob.shape)
         tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
-        target = planner.resolve_tensor(item).detach()
+        if target is None:
+            target = planner.resolve_tensor(item).detach()
         if target.size() != tensor.size():
             raise IntegrityError(
                 f"Step {self.step}: {item.storage_index.fqn} has shape {tuple(tensor.size())} in the "

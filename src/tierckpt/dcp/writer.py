@@ -385,7 +385,8 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         nbytes = tensor_bytes(tensor)
         offset = buffer.offset_of(tensor)
         if offset is None and nbytes and buffer.used + nbytes <= buffer.capacity:
-            offset = buffer.offset_of(buffer.place(tensor))
+            offset, digest = buffer.place_hashed(tensor.contiguous())
+            return BlobInfo(fname, offset, nbytes, digest, dtype, shape), tail
         if offset is not None:
             digest = checksum(buffer.memory(offset, nbytes))
             return BlobInfo(fname, offset, nbytes, digest, dtype, shape), tail
