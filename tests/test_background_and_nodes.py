@@ -196,3 +196,27 @@ def test_a_durable_directory_that_cannot_be_created_is_a_typed_error(
         TieredStorageReader(cfg)
     with pytest.raises(DurableUnavailableError):
         TieredStorageWriter(cfg, step=1, save_to_durable=True)
+
+
+def test_dcp_plan_caching_is_refused_with_a_typed_error_and_the_first_save_stays_loadable(
+    cfg1: CheckpointConfig,
+) -> None:
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    from tierckpt import ConfigError
+
+    def save(step: int) -> None:
+        dcp.save(
+            {"w": torch.full((256,), float(step))},
+            storage_writer=TieredStorageWriter(cfg1, step=step),
+            planner=DefaultSavePlanner(enable_plan_caching=True),
+        )
+
+    save(1)
+    with pytest.raises(CheckpointException) as info:
+        save(2)
+    errors = [str(e) for e in info.value.failures.values()]
+    assert any(ConfigError.__name__ in e and "plan caching" in e for e in errors), errors
+    step, values = _load(cfg1)
+    assert step == 1 and values.eq(1.0).all()

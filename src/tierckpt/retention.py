@@ -13,7 +13,7 @@ from . import layout
 from .catalog import StepCatalog
 from .errors import MemoryBudgetError
 from .manifest import CommitRecord
-from .staging import StagingPool
+from .staging import StagingPool, release_deleted_mappings
 from .tiers.memory import MemoryTier
 
 __all__ = ["drain_pending", "evict", "make_room", "sweep"]
@@ -80,6 +80,7 @@ def sweep(catalog: StepCatalog, keep_last: int, log: logging.Logger) -> None:
         del committed[step]
     for step, record in committed.items():
         _remove_superseded(catalog, step, record)
+    release_deleted_mappings()
 
 
 def _remove_superseded(catalog: StepCatalog, step: int, record: CommitRecord) -> None:
@@ -120,6 +121,7 @@ def make_room(catalog: StepCatalog, needed: int, budget: int | None, log: loggin
         if step is not None:
             log.info("Evicting step %d from the memory tier to stay under the budget.", step)
             tier.delete_prefix(layout.step_dir(catalog.namespace, step))
+        release_deleted_mappings()
         used = tier.usage_bytes()
         if used + needed <= budget:
             return

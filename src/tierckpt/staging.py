@@ -12,6 +12,7 @@ import contextlib
 import errno
 import mmap
 import os
+import re
 import secrets
 import threading
 from collections.abc import Callable
@@ -22,7 +23,7 @@ import xxhash
 from .errors import TierFullError
 from .tiers.memory import MemoryTier
 
-__all__ = ["ALIGN", "StagingBuffer", "StagingPool", "tensor_bytes"]
+__all__ = ["ALIGN", "StagingBuffer", "StagingPool", "release_deleted_mappings", "tensor_bytes"]
 
 ALIGN = 64
 """Byte alignment of each blob in a data file."""
@@ -181,7 +182,7 @@ class _MappingCache:
         self._entries: dict[tuple[int, int], tuple[int, mmap.mmap]] = {}
         self.hits = 0
 
-    def get(self, fd: int, capacity: int) -> mmap.mmap:
+    def get(self, fd: int, capacity: int, *, populate: bool = True) -> mmap.mmap:
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         with self._lock:
@@ -192,7 +193,8 @@ class _MappingCache:
                 return entry[1]
             if entry is not None:
                 self._drop(key)
-            mm = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+            flags = mmap.MAP_SHARED | (_MAP_POPULATE if populate else 0)
+            mm = mmap.mmap(fd, capacity, flags=flags)
             self._entries[key] = (os.dup(fd), mm)
             return mm
 
@@ -205,7 +207,7 @@ class _MappingCache:
         return (st.st_dev, st.st_ino) in self._entries
 
     def prune(self) -> None:
-        """Unmap files that have been deleted, so their tmpfs pages are freed."""
+        """Unmap files that have been deleted, so their tmpfs pages are freed (lock held)."""
         for key, (fd, _mm) in list(self._entries.items()):
             try:
                 gone = os.fstat(fd).st_nlink == 0
@@ -242,7 +244,12 @@ class StagingPool:
         self.staging_dir = os.path.join(memory.root, namespace, _STAGING_DIR)
 
     def acquire(
-        self, nbytes: int, name: str, make_room: Callable[[int], None] | None = None
+        self,
+        nbytes: int,
+        name: str,
+        make_room: Callable[[int], None] | None = None,
+        *,
+        rank: int = 0,
     ) -> StagingBuffer:
         """A buffer of ``nbytes``: a pooled file if one fits, else a new file.
 
@@ -253,7 +260,7 @@ class StagingPool:
         os.makedirs(self.staging_dir, mode=0o700, exist_ok=True)
         path = os.path.join(self.staging_dir, f"{name}-p{os.getpid()}")
         claimed = None
-        for candidate in self._candidates(nbytes):
+        for candidate in self._candidates(nbytes, rank):
             try:
                 os.rename(candidate, path)  # atomic claim; another rank may win the race
                 claimed = candidate
@@ -279,11 +286,19 @@ class StagingPool:
                     os.remove(path)
             raise
 
-    def _candidates(self, nbytes: int) -> list[str]:
-        """Pooled files, best fit first: the smallest that holds ``nbytes``, then the largest."""
+    def _candidates(self, nbytes: int, rank: int) -> list[str]:
+        """Pooled files, best fit first: the smallest that holds ``nbytes``, then the largest.
+
+        Files this process has mapped before come first (their mapping is reused), then this
+        rank's own files (the pool is shared by the ranks of a node), then any other.
+        """
         files = self._pooled()
-        # Files this process has mapped before come first: their mapping is reused.
-        fits = sorted((not _MAPPINGS.holds(p), s, p) for p, s in files.items() if s >= nbytes)
+        own = f"r{rank}-"
+        fits = sorted(
+            (not _MAPPINGS.holds(p), not os.path.basename(p).startswith(own), s, p)
+            for p, s in files.items()
+            if s >= nbytes
+        )
         short = sorted(((s, p) for p, s in files.items() if s < nbytes), reverse=True)
         return [p for *_, p in fits] + [p for _, p in short]
 
@@ -304,7 +319,9 @@ class StagingPool:
             return False
         os.makedirs(self.pool_dir, mode=0o700, exist_ok=True)
         try:
-            os.rename(path, os.path.join(self.pool_dir, f"{secrets.token_hex(8)}.buf"))
+            os.rename(
+                path, os.path.join(self.pool_dir, f"{_rank_tag(path)}{secrets.token_hex(8)}.buf")
+            )
         except FileNotFoundError:
             return False
         return True
@@ -320,27 +337,37 @@ class StagingPool:
                 freed += size
         return freed
 
-    def prefault_spare(self, nbytes: int, budget: int | None) -> threading.Thread | None:
-        """In the background, add one pre-faulted file of ``nbytes`` if none fits and it is in budget."""
-        if nbytes <= 0 or any(s >= nbytes for s in self._pooled().values()):
+    def prefault_spare(
+        self, nbytes: int, budget: int | None, rank: int = 0
+    ) -> threading.Thread | None:
+        """In the background, add one pre-faulted file of ``nbytes`` for ``rank`` if none fits."""
+        own = f"r{rank}-"
+        pooled = self._pooled()
+        if nbytes <= 0 or any(
+            s >= nbytes and os.path.basename(p).startswith(own) for p, s in pooled.items()
+        ):
             return None
-        if self._pooled(filling=True):
-            return None  # one spare at a time
+        if any(
+            os.path.basename(p).startswith(f".filling-{own}") for p in self._pooled(filling=True)
+        ):
+            return None  # one spare per rank at a time
         if budget is not None and self.memory.usage_bytes() + nbytes > budget:
             return None
 
         def fill() -> None:
             os.makedirs(self.pool_dir, mode=0o700, exist_ok=True)
-            tmp = os.path.join(self.pool_dir, f".filling-{secrets.token_hex(8)}")
+            tmp = os.path.join(self.pool_dir, f".filling-{own}{secrets.token_hex(8)}")
             try:
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o600)
                 try:
-                    # Both calls release the GIL (madvise does not): training threads run on.
                     os.posix_fallocate(fd, 0, nbytes)  # allocates the pages; ENOSPC, never SIGBUS
-                    _MAPPINGS.get(fd, nbytes)  # MAP_POPULATE'd and kept: the next save reuses it
+                    # Map without MAP_POPULATE (it holds the process's mmap lock for the whole
+                    # buffer, stalling the training thread's own allocations) and fill the page
+                    # tables through libc's madvise, a foreign call that releases the GIL.
+                    _populate(_MAPPINGS.get(fd, nbytes, populate=False))
                 finally:
                     os.close(fd)
-                os.rename(tmp, os.path.join(self.pool_dir, f"{secrets.token_hex(8)}.buf"))
+                os.rename(tmp, os.path.join(self.pool_dir, f"{own}{secrets.token_hex(8)}.buf"))
             except OSError:
                 with contextlib.suppress(OSError):
                     os.remove(tmp)
@@ -365,6 +392,29 @@ class StagingPool:
                     with contextlib.suppress(FileNotFoundError):
                         if _stale(e.path):
                             os.remove(e.path)
+
+
+_RANK_OF_DATA = re.compile(r"-r(\d+)(?:\.data)?(?:-p\d+)?$")
+
+
+def _rank_tag(path: str) -> str:
+    """``r<rank>-`` for a data file of that rank, else empty."""
+    m = _RANK_OF_DATA.search(os.path.basename(path))
+    return f"r{m.group(1)}-" if m else ""
+
+
+def _populate(mm: mmap.mmap) -> None:
+    """MADV_POPULATE_WRITE through libc (releases the GIL); a no-op where unsupported."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(_address(mm)), ctypes.c_size_t(len(mm)), 23)
+
+
+def release_deleted_mappings() -> None:
+    """Unmap this process's staging mappings of deleted files, so their tmpfs pages are freed."""
+    with _MAPPINGS._lock:
+        _MAPPINGS.prune()
 
 
 def _pid_of(name: str) -> int | None:

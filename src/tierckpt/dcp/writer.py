@@ -192,6 +192,12 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         infos = [p.storage_data for p in plans]
+        if not all(isinstance(i, _LocalPlanData) for i in infos):
+            raise ConfigError(
+                "TieredStorageWriter got cached (empty) save plans: DCP's plan caching "
+                "(DefaultSavePlanner(enable_plan_caching=True)) replays the first save's storage "
+                "data, and each tierckpt save needs its own. Use a planner without plan caching."
+            )
         steps = {i.step for i in infos}
         if len(steps) != 1:
             raise InvalidStepError(
@@ -255,6 +261,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             nbytes,
             name=f"{self.attempt}-r{rank}",
             make_room=lambda extra: make_room(catalog, extra, budget, catalog.log),
+            rank=rank,
         )
 
     def _release(self, buffer: StagingBuffer) -> None:
@@ -337,7 +344,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         warming_up = len(catalog.committed()) < self.config.memory_keep_last
         if self.config.memory_prefault and buffer is not None and warming_up:
             StagingPool(self.memory, ns).prefault_spare(
-                buffer.capacity, self.config.memory_budget_bytes
+                buffer.capacity, self.config.memory_budget_bytes, rank
             )
         if self._durable:
             self._start_drain(manifest)
