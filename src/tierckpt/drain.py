@@ -85,7 +85,13 @@ atexit.register(wait_for_drains)
 
 
 def upload_rank_part(
-    memory: MemoryTier, durable: Tier, namespace: str, manifest: RankManifest, log: logging.Logger
+    memory: MemoryTier,
+    durable: Tier,
+    namespace: str,
+    manifest: RankManifest,
+    log: logging.Logger,
+    *,
+    mark_drained: bool = True,
 ) -> int:
     """Copy one rank's files of a step to the durable tier; the manifest goes last."""
     t0 = time.perf_counter()
@@ -98,7 +104,8 @@ def upload_rank_part(
     durable.write(
         layout.step_key(namespace, step, layout.manifest_name(attempt, rank)), [manifest.to_json()]
     )
-    memory.write(layout.step_key(namespace, step, layout.drained_name(attempt, rank)), [b""])
+    if mark_drained:  # the coordinator's part is marked once the durable commit is written
+        memory.write(layout.step_key(namespace, step, layout.drained_name(attempt, rank)), [b""])
     _IN_FLIGHT.discard((namespace, step, attempt, rank))
     log.info(
         step_message(
@@ -132,6 +139,9 @@ def commit_durable(
     record: CommitRecord,
     timeout_s: float,
     log: logging.Logger,
+    *,
+    metadata: bytes | None = None,
+    coordinator: tuple[str, int] | None = None,
 ) -> None:
     """Coordinator: once every rank's part is durable, write metadata and then the commit."""
     t0 = time.perf_counter()
@@ -151,8 +161,17 @@ def commit_durable(
             "The step stays committed in memory; the next writer or reader resumes the drain."
         )
     md_key = catalog.key(record.step, record.metadata)
-    durable.put_file(md_key, memory.path(md_key))
+    if metadata is not None:
+        durable.write(md_key, [metadata])
+    else:
+        durable.put_file(md_key, memory.path(md_key))
     catalog.write_commit(record)
+    if coordinator is not None:  # until now retention kept the step: this node's part is done
+        attempt, rank = coordinator
+        memory.write(
+            layout.step_key(record.namespace, record.step, layout.drained_name(attempt, rank)),
+            [b""],
+        )
     log.info(
         step_message(
             0,

@@ -79,7 +79,11 @@ def _resume(
         log.warning(step_message(rank or 0, step, "Resuming an interrupted durable drain"))
         _upload_parts(config, mem, memory, durable, record, listing, rank, log)
         if rank in (None, 0):
-            commit_durable(memory, durable, record, config.durable_commit_timeout_s, log)
+            me = next((r for r in record.ranks if r.attempt == record.attempt), None)
+            mark = (me.attempt, me.rank) if me is not None else None
+            commit_durable(
+                memory, durable, record, config.durable_commit_timeout_s, log, coordinator=mark
+            )
         resumed.append(step)
     if resumed and rank in (None, 0):
         sweep_durable(config, durable, log)

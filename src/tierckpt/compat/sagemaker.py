@@ -110,4 +110,7 @@ class SageMakerTieredStorageReader(TieredStorageReader):
             raise ConfigError(
                 "SageMakerTieredStorageReader needs checkpoint_config=<SageMakerCheckpointConfig>."
             )
+        # As in the seed, nothing is looked up until dcp.load: its Quick Start builds the
+        # reader outside the try block that handles a missing checkpoint.
+        kwargs.setdefault("resolve_now", False)
         super().__init__(cfg, step=step, **kwargs)

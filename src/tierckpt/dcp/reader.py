@@ -44,7 +44,9 @@ class TieredStorageReader(StorageReader):
     With ``step=None`` the ranks agree (collectively, when ``torch.distributed`` is
     initialised) on the newest step that every rank can restore from some tier.
     After ``dcp.load``: :attr:`step` is the step loaded and :attr:`bytes_read_by_tier`
-    counts bytes read from each tier.
+    counts bytes read from each tier. The step is chosen when the reader is built (so a
+    missing checkpoint raises :class:`CheckpointNotFoundError` here), or with
+    ``resolve_now=False`` when ``dcp.load`` reads the metadata.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class TieredStorageReader(StorageReader):
         step: int | None = None,
         *,
         process_group: dist.ProcessGroup | None = None,
+        resolve_now: bool = True,
     ) -> None:
         super().__init__()
         self.config = require_config(config)
@@ -69,7 +72,8 @@ class TieredStorageReader(StorageReader):
         self._metadata: Metadata | None = None
         self._storage_data: dict[Any, BlobInfo] = {}
         self._count_lock = threading.Lock()
-        self._resolve()  # collective when torch.distributed is initialised
+        if resolve_now:  # else in read_metadata, i.e. inside dcp.load (still collective)
+            self._resolve()  # collective when torch.distributed is initialised
 
     # -- choosing the step --
 

@@ -407,8 +407,11 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         self.durable = durable
         log = logger_for(self.config)
         ns, memory = self.config.namespace, self.memory
+        coordinator = self.is_coordinator
         self._upload = run_in_background(
-            lambda: upload_rank_part(memory, durable, ns, manifest, log),
+            lambda: upload_rank_part(
+                memory, durable, ns, manifest, log, mark_drained=not coordinator
+            ),
             name=f"tierckpt-upload-{manifest.step}",
         )
         if self.is_coordinator:
@@ -467,9 +470,9 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         )
         sweep(catalog, self.config.memory_keep_last, log)
         if self._durable:
-            self._start_durable_commit(record)
+            self._start_durable_commit(record, md_bytes)
 
-    def _start_durable_commit(self, record: CommitRecord) -> None:
+    def _start_durable_commit(self, record: CommitRecord, md_bytes: bytes) -> None:
         durable = self.durable or open_durable_tier(self.config)
         upload, done, memory = self._upload, self.durable_done, self.memory
         timeout, log = self.config.durable_commit_timeout_s, logger_for(self.config)
@@ -478,7 +481,15 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             try:
                 if upload is not None:
                     upload.result()
-                commit_durable(memory, durable, record, timeout, log)
+                commit_durable(
+                    memory,
+                    durable,
+                    record,
+                    timeout,
+                    log,
+                    metadata=md_bytes,
+                    coordinator=(self.attempt, self.rank),
+                )
                 done.set_result(None)
                 sweep_durable(self.config, durable, log)
             except BaseException as e:
