@@ -486,6 +486,11 @@ def test_fault_proxy_stops_cleanly(s3_server: S3Server) -> None:
         deadline = time.monotonic() + 5
         while proxy.pending_faults and time.monotonic() < deadline:
             time.sleep(0.01)  # the handler is now stalling
+        # Both connections accepted: one still in the listen backlog would get a RST from
+        # the kernel when the listener closes, not the proxy's orderly drop.
+        while len(proxy._conns) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(proxy._conns) == 2
         start = time.monotonic()
         proxy.stop()
         assert time.monotonic() - start < 3.0

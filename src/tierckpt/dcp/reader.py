@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import mmap
 import os
 import pickle
@@ -286,25 +287,32 @@ class TieredStorageReader(StorageReader):
                 break
             fetched = self._fetch(tier, key, [self._blob(i) for i in pending])
             still: list[ReadItem] = []
+            corrupt = 0
             for item, buf in zip(pending, fetched, strict=True):
                 blob = self._blob(item)
                 if isinstance(buf, Exception):
                     reasons[id(item)].append(f"{tier.name}: {type(buf).__name__}: {buf}")
+                    corrupt += not isinstance(buf, KeyNotFoundError)
                 elif len(buf) != blob.length or checksum(buf) != blob.checksum:
                     reasons[id(item)].append(f"{tier.name}: checksum mismatch")
+                    corrupt += 1
                 else:
                     got[id(item)] = buf
                     self._count(tier, blob.length)
                     continue
                 still.append(item)
             if still and tier is not self.tiers[-1]:
-                self.log.warning(
+                # Absent files are routine (a node restarted, a step only in durable);
+                # bytes that fail their checksum or cannot be read are worth a warning.
+                self.log.log(
+                    logging.WARNING if corrupt else logging.INFO,
                     step_message(
                         self.rank,
                         self.step,
-                        f"{len(still)} of {len(pending)} blobs of {fname} are missing or corrupt in the "
-                        f"{tier.name} tier (first: {reasons[id(still[0])][-1]}); reading them from the next tier",
-                    )
+                        f"{len(still)} of {len(pending)} blobs of {fname} are "
+                        f"{'corrupt or unreadable' if corrupt else 'not'} in the {tier.name} tier "
+                        f"(first: {reasons[id(still[0])][-1]}); reading them from the next tier",
+                    ),
                 )
             pending = still
         if pending:
