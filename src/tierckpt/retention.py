@@ -59,8 +59,11 @@ def _evictable(catalog: StepCatalog, committed: dict[int, CommitRecord]) -> list
     return out
 
 
-def sweep(catalog: StepCatalog, keep_last: int, log: logging.Logger) -> None:
-    """Apply ``keep_last`` and remove half-written steps and superseded attempt files."""
+def sweep(catalog: StepCatalog, keep_last: int, log: logging.Logger) -> int:
+    """Apply ``keep_last``, remove half-written steps and superseded attempt files.
+
+    Returns how many committed steps remain.
+    """
     tier = catalog.tier
     if isinstance(tier, MemoryTier):
         StagingPool(tier, catalog.namespace).sweep_orphans()
@@ -81,6 +84,7 @@ def sweep(catalog: StepCatalog, keep_last: int, log: logging.Logger) -> None:
     for step, record in committed.items():
         _remove_superseded(catalog, step, record)
     release_deleted_mappings()
+    return len(committed)
 
 
 def _remove_superseded(catalog: StepCatalog, step: int, record: CommitRecord) -> None:

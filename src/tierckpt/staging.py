@@ -150,7 +150,8 @@ class StagingBuffer:
 
     def finish(self, size: int) -> None:
         """Trim the file to ``size`` bytes; the mapping stays valid for staged views."""
-        os.ftruncate(self._fd, max(size, 0)) if size < os.fstat(self._fd).st_size else None
+        if size < os.fstat(self._fd).st_size:
+            os.ftruncate(self._fd, max(size, 0))
 
     def pin(self) -> None:
         """Page-lock the mapped region for asynchronous GPU-to-host copies (CUDA only)."""

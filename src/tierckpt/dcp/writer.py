@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import os
@@ -30,6 +29,7 @@ from ..manifest import BlobInfo, CommitRecord, RankEntry, RankManifest, checksum
 from ..resume import resume_pending_once
 from ..retention import make_room, sweep
 from ..staging import StagingBuffer, StagingPool, align, tensor_bytes
+from ..tiers.directory import remove_quietly
 from ..tiers.durable import open_durable_tier
 from ..tiers.memory import MemoryTier
 from ._stage import stage_into, staged_size
@@ -100,7 +100,6 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         self._watching = False
         self._rank_attempts: dict[int, str] = {}
         self._upload: Future[int] | None = None
-        self._manifest: RankManifest | None = None
         self._staging: StagingBuffer | None = None
         if not self.save_to_durable:
             self.durable_done.set_result(None)
@@ -267,7 +266,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
     def _release(self, buffer: StagingBuffer) -> None:
         buffer.close()
         if not StagingPool(self.memory, self.config.namespace).recycle(buffer.path, keep=1):
-            _unlink(buffer.path)
+            remove_quietly(buffer.path)
 
     def write_data(
         self, plan: SavePlan, planner: SavePlanner
@@ -294,7 +293,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         catalog = StepCatalog(self.memory, ns, log)
         if getattr(glob, "install", None):
             self._install_commit(catalog, *glob.install)
-        sweep(catalog, self.config.memory_keep_last, log)
+        committed_before = sweep(catalog, self.config.memory_keep_last, log)
         resolved = [(item, planner.resolve_data(item)) for item in plan.items]
         buffer = self._staging
         self._staging = None
@@ -331,7 +330,6 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         self.memory.write(
             layout.step_key(ns, step, layout.manifest_name(attempt, rank)), [manifest.to_json()]
         )
-        self._manifest = manifest
         log.info(
             step_message(
                 rank,
@@ -341,7 +339,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         )
         # Until evictions feed the pool (fewer than keep_last steps committed), keep one
         # pre-allocated spare there so the next save also copies into resident pages.
-        warming_up = len(catalog.committed()) < self.config.memory_keep_last
+        warming_up = committed_before < self.config.memory_keep_last
         if self.config.memory_prefault and buffer is not None and warming_up:
             StagingPool(self.memory, ns).prefault_spare(
                 buffer.capacity, self.config.memory_budget_bytes, rank
@@ -509,8 +507,3 @@ def _typed(error: BaseException, step: int | None) -> BaseException:
     )
     wrapped.__cause__ = error
     return wrapped
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)

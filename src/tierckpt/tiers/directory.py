@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from ..errors import DurableUnavailableError, TierFullError
 from .base import Buffer, KeyNotFoundError
 
-__all__ = ["DirectoryTier"]
+__all__ = ["DirectoryTier", "remove_quietly"]
 
 _TMP_MARK = ".tmp-"
 
@@ -70,7 +70,7 @@ class DirectoryTier:
                         view = view[n:]
             os.replace(tmp, self.path(key))
         except BaseException as e:
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise TierFullError(
                     f"The {self.name} tier at {self.root} is full while writing {key}: "
@@ -86,7 +86,7 @@ class DirectoryTier:
             shutil.copyfile(path, tmp)
             os.replace(tmp, self.path(key))
         except BaseException:
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
             raise
         return os.path.getsize(self.path(key))
 
@@ -100,7 +100,7 @@ class DirectoryTier:
         except FileExistsError:
             return False
         finally:
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
         return True
 
     def read(self, key: str, offset: int = 0, length: int | None = None) -> Buffer:
@@ -149,7 +149,7 @@ class DirectoryTier:
             return []
 
     def delete(self, key: str) -> None:
-        _remove_quietly(self.path(key))
+        remove_quietly(self.path(key))
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
@@ -166,6 +166,7 @@ class DirectoryTier:
         return sum(self.list("").values()) if os.path.isdir(self.root) else 0
 
 
-def _remove_quietly(path: str) -> None:
+def remove_quietly(path: str) -> None:
+    """Remove a file; a missing one is not an error."""
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
