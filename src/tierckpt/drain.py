@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from . import layout
+from ._faults import crash_point
 from ._log import rate, step_message
 from .catalog import StepCatalog
 from .errors import DurableTierError
@@ -101,9 +102,11 @@ def upload_rank_part(
     for name in manifest.files:
         key = layout.step_key(namespace, step, name)
         total += durable.put_file(key, memory.path(key))
+    crash_point("drain.after_data")
     durable.write(
         layout.step_key(namespace, step, layout.manifest_name(attempt, rank)), [manifest.to_json()]
     )
+    crash_point("drain.after_manifest")
     if mark_drained:  # the coordinator's part is marked once the durable commit is written
         memory.write(layout.step_key(namespace, step, layout.drained_name(attempt, rank)), [b""])
     _IN_FLIGHT.discard((namespace, step, attempt, rank))
@@ -160,12 +163,15 @@ def commit_durable(
             f"{missing} in {durable.url}; those ranks' uploads failed or their processes died. "
             "The step stays committed in memory; the next writer or reader resumes the drain."
         )
+    crash_point("drain.before_durable_metadata")
     md_key = catalog.key(record.step, record.metadata)
     if metadata is not None:
         durable.write(md_key, [metadata])
     else:
         durable.put_file(md_key, memory.path(md_key))
+    crash_point("drain.after_durable_metadata")
     catalog.write_commit(record)
+    crash_point("drain.after_durable_commit")
     if coordinator is not None:  # until now retention kept the step: this node's part is done
         attempt, rank = coordinator
         memory.write(

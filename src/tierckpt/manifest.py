@@ -14,7 +14,8 @@ from .tiers.base import Buffer
 
 __all__ = ["FORMAT_VERSION", "BlobInfo", "CommitRecord", "RankEntry", "RankManifest", "checksum"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 added generations and the checksums of the metadata and every manifest."""
 
 
 def checksum(data: Buffer) -> str:
@@ -68,6 +69,8 @@ class RankEntry:
     manifest: str
     files: dict[str, int]
     """data file name -> size in bytes"""
+    manifest_checksum: str = ""
+    """xxh3-128 of the rank manifest's bytes."""
 
 
 @dataclass
@@ -81,6 +84,10 @@ class CommitRecord:
     metadata: str
     ranks: list[RankEntry]
     durable: bool
+    generation: int = 0
+    """Monotonic per namespace: a later save has a higher generation ("newest" = newest save)."""
+    metadata_checksum: str = ""
+    """xxh3-128 of the DCP metadata bytes; nothing is unpickled before it matches."""
     created: float = field(default_factory=time.time)
     format: int = FORMAT_VERSION
 

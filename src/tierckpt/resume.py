@@ -10,6 +10,7 @@ from concurrent.futures import Future
 import torch.distributed as dist
 
 from . import layout
+from ._faults import crash_point
 from ._log import logger_for, step_message
 from .catalog import StepCatalog
 from .config import CheckpointConfig
@@ -78,6 +79,7 @@ def _resume(
             continue
         log.warning(step_message(rank or 0, step, "Resuming an interrupted durable drain"))
         _upload_parts(config, mem, memory, durable, record, listing, rank, log)
+        crash_point("resume.after_upload")
         if rank in (None, 0):
             me = next((r for r in record.ranks if r.attempt == record.attempt), None)
             mark = (me.attempt, me.rank) if me is not None else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from . import layout
+from ._faults import crash_point
 from .catalog import StepCatalog
 from .errors import MemoryBudgetError
 from .manifest import CommitRecord
@@ -27,6 +28,7 @@ def evict(catalog: StepCatalog, step: int) -> None:
         data = [n for n in catalog.files(step) if n.endswith(".data")]
         for name in data:
             pool.recycle(tier.path(catalog.key(step, name)), keep=len(data))
+    crash_point("evict.mid")
     tier.delete_prefix(layout.step_dir(catalog.namespace, step))
 
 

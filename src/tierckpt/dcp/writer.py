@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from .. import layout
+from .._faults import crash_point
 from .._log import logger_for, rate, step_message
 from ..catalog import StepCatalog
 from ..config import CheckpointConfig, require_config
@@ -237,6 +238,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             self._release(buffer)
             raise
         self._staging = buffer
+        crash_point("save.after_stage")
         logger_for(self.config).info(
             step_message(
                 rank,
@@ -323,13 +325,16 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             if infos:
                 target = self.memory.path(layout.step_key(ns, step, fname))
                 os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+                crash_point("save.before_rename")
                 os.rename(buffer.path, target)
+                crash_point("save.after_rename")
                 manifest.files[fname] = {"size": size, "blobs": blobs}
             else:
                 self._release(buffer)
         self.memory.write(
             layout.step_key(ns, step, layout.manifest_name(attempt, rank)), [manifest.to_json()]
         )
+        crash_point("save.after_manifest")
         log.info(
             step_message(
                 rank,
@@ -446,9 +451,11 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             files = {layout.data_name(attempt, rank): size} if rank_results else {}
             ranks.append(RankEntry(rank, attempt, layout.manifest_name(attempt, rank), files))
         metadata.storage_data = storage_data
+        crash_point("save.before_metadata")
         md_name = layout.metadata_name(self.attempt)
         md_bytes = pickle.dumps(metadata)
         self.memory.write(layout.step_key(ns, step, md_name), [md_bytes])
+        crash_point("save.after_metadata")
         record = CommitRecord(
             namespace=ns,
             step=step,
@@ -460,6 +467,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         )
         catalog = StepCatalog(self.memory, ns, log)
         catalog.write_commit(record)
+        crash_point("save.after_commit")
         _LAST_COMMIT[(self.memory.root, ns)] = (step, self.attempt, record.to_json(), md_bytes)
         log.info(
             step_message(

@@ -9,6 +9,7 @@ import os
 import shutil
 from collections.abc import Iterable
 
+from .._faults import crash_point
 from ..errors import DurableUnavailableError, TierFullError
 from .base import Buffer, KeyNotFoundError
 
@@ -84,6 +85,7 @@ class DirectoryTier:
         tmp = self._tmp_path(key)
         try:
             shutil.copyfile(path, tmp)
+            crash_point("tier.before_put_rename")
             os.replace(tmp, self.path(key))
         except BaseException:
             remove_quietly(tmp)
