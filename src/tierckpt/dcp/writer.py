@@ -26,6 +26,7 @@ from ..config import CheckpointConfig, require_config
 from ..drain import commit_durable, run_in_background, upload_rank_part, watch_durable_commit
 from ..durable_retention import sweep_durable
 from ..errors import ConfigError, DurableTierError, InvalidStepError, TierckptError
+from ..leases import AttemptLease, lease_name
 from ..manifest import BlobInfo, CommitRecord, RankEntry, RankManifest, checksum
 from ..resume import resume_pending_once
 from ..retention import make_room, sweep
@@ -98,6 +99,8 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         self.durable_done: Future[None] = Future()
         self._durable = self.save_to_durable
         self._used = False
+        self._staged_attempt = False
+        self._lease: AttemptLease | None = None
         self._watching = False
         self._rank_attempts: dict[int, str] = {}
         self._upload: Future[int] | None = None
@@ -116,6 +119,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         state["_upload"] = None
         state["durable"] = None  # reopened on the other side; clients may not pickle
         state["_staging"] = None  # staged tensors travel with the state dict
+        state["_lease"] = None  # the lease stays with (and dies with) this process
         if self.save_to_durable and not self._watching and self.step is not None:
             self._watching = True
             self._watch_from_parent()
@@ -171,10 +175,25 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             )
         self.is_coordinator = is_coordinator
         self.rank = int(kwargs.get("rank", self._rank_guess()))
+        if self._staged_attempt:
+            self._staged_attempt = False  # stage() began this save's attempt
+        else:
+            self._begin_attempt(self.rank)
+
+    def _begin_attempt(self, rank: int) -> None:
+        """Start a save attempt: a fresh id (after the first) and a lease proving it is live.
+
+        The lease is held until the next attempt of this writer or until it is collected or
+        its process dies; sweeps never remove files of an attempt whose lease is held.
+        """
         if self._used:
             self.attempt = layout.new_attempt_id()
         self._used = True
         self.memory.ensure_root()
+        if self._lease is not None:
+            self._lease.release()
+        ns_dir = self.memory.path(self.config.namespace)
+        self._lease = AttemptLease(ns_dir, lease_name(self.attempt, rank))
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         assert self.step is not None
@@ -230,7 +249,8 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         t0 = time.perf_counter()
         rank = self._rank_guess()
         nbytes = staged_size(state_dict)
-        self.memory.ensure_root()
+        self._begin_attempt(rank)
+        self._staged_attempt = True
         buffer = self._acquire(nbytes, rank)
         try:
             staged = stage_into(state_dict, buffer)
