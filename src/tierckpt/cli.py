@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from . import __version__
 from .catalog import StepCatalog
 from .config import CheckpointConfig
 from .errors import TierckptError
@@ -126,6 +127,7 @@ def cmd_bench(args: argparse.Namespace, rest: Sequence[str]) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tierckpt", description=__doc__)
+    p.add_argument("--version", action="version", version=f"tierckpt {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_location(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
