@@ -206,18 +206,6 @@ def test_failed_write_leaves_nothing_partial(tier: Tier) -> None:
     assert tier.list("") == {"k": 3}
 
 
-def test_write_if_absent(tier: Tier) -> None:
-    assert tier.write_if_absent("m/commit", b"first") is True
-    assert tier.write_if_absent("m/commit", b"second") is False
-    assert tier.write_if_absent("m/commit", b"first") is False
-    assert bytes(tier.read("m/commit")) == b"first"
-    assert tier.write_if_absent("m/other", memoryview(b"xyz")) is True
-    assert tier.list("m") == {"commit": 5, "other": 3}
-    tier.delete("m/commit")
-    assert tier.write_if_absent("m/commit", b"third") is True
-    assert bytes(tier.read("m/commit")) == b"third"
-
-
 def test_delete_idempotent(tier: Tier) -> None:
     tier.write("d/k", [b"1"])
     tier.delete("d/k")

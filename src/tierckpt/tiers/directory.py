@@ -92,19 +92,6 @@ class DirectoryTier:
             raise
         return os.path.getsize(self.path(key))
 
-    def write_if_absent(self, key: str, data: Buffer) -> bool:
-        self._makedirs(key)
-        tmp = self._tmp_path(key)
-        with open(tmp, "wb") as f:
-            f.write(data)
-        try:
-            os.link(tmp, self.path(key))  # fails if the key exists: create-only
-        except FileExistsError:
-            return False
-        finally:
-            remove_quietly(tmp)
-        return True
-
     def read(self, key: str, offset: int = 0, length: int | None = None) -> Buffer:
         try:
             fd = os.open(self.path(key), os.O_RDONLY)

@@ -4,9 +4,8 @@ Requests are retried by obstore itself (exponential backoff with jitter, bounded
 ``max_retries`` and a retry timeout): throttling (``503 SlowDown``), other 5xx, connection
 errors, and, for idempotent requests (GET, HEAD, LIST, plain PUT, multipart parts), timeouts,
 resets and bodies cut off mid-way (a GET resumes where the body stopped). obstore does *not*
-retry a reset or timeout of the two non-idempotent requests we send, the create-only PUT
-(``If-None-Match: *``) and the bulk ``DeleteObjects`` POST; :class:`S3Tier` adds a small
-bounded retry for exactly those (see ``errors.ErrorHandling._retry_transport``).
+retry a reset or timeout of the non-idempotent bulk ``DeleteObjects`` POST; :class:`S3Tier`
+adds a small bounded retry for deletes (see ``errors.ErrorHandling._retry_transport``).
 
 Writes of more than one part stream through a multipart upload (``part_size`` parts,
 ``max_concurrency`` in flight), so memory stays bounded; reads larger than one part are split

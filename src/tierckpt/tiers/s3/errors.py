@@ -136,11 +136,9 @@ class ErrorHandling(StoreHolder):
         cap = min(self.backoff_max_s, self.backoff_init_s * 2**attempt)
         time.sleep(random.uniform(self.backoff_init_s, max(self.backoff_init_s, cap)))
 
-    def _retry_transport(
-        self, fn: Callable[[], _T], on_retry: Callable[[], None] | None = None
-    ) -> _T:
+    def _retry_transport(self, fn: Callable[[], _T]) -> _T:
         """Bounded retry of a connection error / reset / timeout for the requests obstore
-        will not retry because they are not idempotent (create-only PUT, bulk DELETE POST).
+        will not retry because they are not idempotent (the bulk DELETE POST).
         HTTP errors are left alone: obstore already retried the retryable ones."""
         deadline = time.monotonic() + self.retry_timeout_s
         attempt = 0
@@ -155,8 +153,6 @@ class ErrorHandling(StoreHolder):
                 ):
                     raise
                 attempt += 1
-                if on_retry is not None:
-                    on_retry()
                 self._sleep_backoff(attempt)
 
     # -- keys -------------------------------------------------------------------------------

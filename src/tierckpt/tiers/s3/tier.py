@@ -10,11 +10,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from ...errors import ConfigError
-from ..base import Buffer, KeyNotFoundError
 from .client import claim_runtime, make_store, obstore_module, profile_credentials
 from .errors import first_line, is_transport_error, status_of
 from .ranges import RangedReads
-from .uploads import Uploads, byte_view
+from .uploads import Uploads
 
 if TYPE_CHECKING:
     from obstore.store import S3Store
@@ -205,51 +204,6 @@ class S3Tier(Uploads, RangedReads):
             else:
                 reason = first_line(e, 160)
             raise self._unavailable(reason) from e
-
-    # -- writes -----------------------------------------------------------------------------
-
-    def write_if_absent(self, key: str, data: Buffer) -> bool:
-        """Create-only PUT (``If-None-Match: *``); False if ``key`` already exists."""
-        self._check_key(key)
-        payload = bytes(byte_view(data))
-        exc = self._ob.exceptions
-        ambiguous = [False]
-
-        def create() -> None:
-            self._ob.put(self._store, key, payload, mode="create", use_multipart=False)
-
-        def mark() -> None:
-            ambiguous[0] = True
-
-        try:
-            self._retry_transport(create, on_retry=mark)
-        except (exc.AlreadyExistsError, exc.PreconditionError):
-            if ambiguous[0]:
-                # An attempt whose answer was lost may have created the object before this
-                # retry saw it: it is ours if it holds exactly our bytes.
-                try:
-                    return bytes(self.read(key)) == payload
-                except KeyNotFoundError:
-                    return False
-            return False
-        except exc.NotSupportedError:
-            return self._write_if_absent_fallback(key, payload)
-        except Exception as e:
-            if status_of(e) == 501:  # the server ignores / rejects If-None-Match on PUT
-                return self._write_if_absent_fallback(key, payload)
-            err = self._translate(e, "conditional PUT", key)
-            if err is e:
-                raise
-            raise err from e
-        return True
-
-    def _write_if_absent_fallback(self, key: str, payload: bytes) -> bool:
-        # HEAD then PUT: racy. Two writers may both see the key absent and both write; the
-        # last one wins. Only used on servers without conditional PUT support.
-        if self._head(key) is not None:
-            return False
-        self._call("PUT", key, lambda: self._ob.put(self._store, key, payload))
-        return True
 
     # -- listing and deletion ---------------------------------------------------------------
 
