@@ -26,8 +26,9 @@ class Tier(Protocol):
     """A flat key/value store of immutable blobs.
 
     Keys are relative, ``/``-separated, without ``..``; a bad key raises ``ValueError``.
-    ``write`` and ``put_file`` are atomic (readers see the whole new blob or the old state).
-    There is no create-only write:
+    ``write`` and ``put_file`` are atomic (readers see the whole new blob or the old state)
+    and, on a durable tier, durable when they return, so a later write (a step's COMMIT) can
+    never be persisted before the blobs written earlier. There is no create-only write:
     every save attempt writes under names of its own, and a commit is a plain atomic write.
     Errors: :class:`KeyNotFoundError` for a missing key, the
     :class:`~tierckpt.errors.DurableTierError` family for a store that fails.

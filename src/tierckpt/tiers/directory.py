@@ -13,19 +13,29 @@ from .._faults import crash_point
 from ..errors import DurableUnavailableError, TierFullError
 from .base import Buffer, KeyNotFoundError
 
-__all__ = ["DirectoryTier", "remove_quietly"]
+__all__ = ["DirectoryTier", "fsync_dir", "remove_quietly"]
 
 _TMP_MARK = ".tmp-"
 
 
 class DirectoryTier:
-    """Blobs as files under ``root``; writes go to a temporary name and are renamed."""
+    """Blobs as files under ``root``; writes go to a temporary name and are renamed.
 
-    def __init__(self, root: str, *, name: str, dir_mode: int = 0o755) -> None:
+    With ``durable_sync`` (the default, for the ``file://`` durable tier) a write returns
+    only once it is on disk, as DCP's ``FileSystemWriter`` does: the temporary is fsynced
+    before its rename, and the directory after it (and every new directory into its
+    parent), so a later write (a step's COMMIT) can never reach the disk before it. The
+    memory tier on tmpfs passes ``durable_sync=False``: there is no disk to reach.
+    """
+
+    def __init__(
+        self, root: str, *, name: str, dir_mode: int = 0o755, durable_sync: bool = True
+    ) -> None:
         self.root = os.path.abspath(root)
         self.name = name
         self.url = "file://" + self.root
         self._dir_mode = dir_mode
+        self.durable_sync = durable_sync
 
     def ensure_root(self) -> None:
         """Create the root directory if it is missing."""
@@ -55,7 +65,26 @@ class DirectoryTier:
         return f"{self.path(key)}{_TMP_MARK}{os.getpid()}"
 
     def _makedirs(self, key: str) -> None:
-        os.makedirs(os.path.dirname(self.path(key)), mode=self._dir_mode, exist_ok=True)
+        """Create the directories of ``key``; with ``durable_sync``, fsync each new one's parent."""
+        target = os.path.dirname(self.path(key))
+        if os.path.isdir(target):
+            return
+        missing = []
+        d = target
+        while not os.path.isdir(d) and os.path.dirname(d) != d:
+            missing.append(d)
+            d = os.path.dirname(d)
+        os.makedirs(target, mode=self._dir_mode, exist_ok=True)
+        if self.durable_sync:
+            for d in reversed(missing):
+                fsync_dir(os.path.dirname(d))
+
+    def _publish(self, tmp: str, key: str) -> None:
+        """Rename ``tmp`` (fsynced already when ``durable_sync``) to ``key``, durably."""
+        final = self.path(key)
+        os.replace(tmp, final)
+        if self.durable_sync:
+            fsync_dir(os.path.dirname(final))
 
     def write(self, key: str, chunks: Iterable[Buffer]) -> int:
         self._makedirs(key)
@@ -69,7 +98,9 @@ class DirectoryTier:
                         n = f.write(view)
                         total += n or 0
                         view = view[n:]
-            os.replace(tmp, self.path(key))
+                if self.durable_sync:
+                    os.fsync(f.fileno())
+            self._publish(tmp, key)
         except BaseException as e:
             remove_quietly(tmp)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -85,8 +116,14 @@ class DirectoryTier:
         tmp = self._tmp_path(key)
         try:
             shutil.copyfile(path, tmp)
+            if self.durable_sync:
+                fd = os.open(tmp, os.O_RDWR)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             crash_point("tier.before_put_rename")
-            os.replace(tmp, self.path(key))
+            self._publish(tmp, key)
         except BaseException:
             remove_quietly(tmp)
             raise
@@ -153,6 +190,22 @@ class DirectoryTier:
     def usage_bytes(self) -> int:
         """Bytes held under the root (every namespace)."""
         return sum(self.list("").values()) if os.path.isdir(self.root) else 0
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory, making the names created or renamed in it durable.
+
+    ``EINVAL`` (a file system that cannot sync directories) is ignored: there is nothing
+    more to do there.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
 
 
 def remove_quietly(path: str) -> None:
