@@ -170,3 +170,47 @@ def test_d05_under_strace_the_real_syscalls_order_fsync_rename_dir_fsync_before_
         elif (m := _OPEN.match(line)) and "COMMIT" in m["path"] and "O_CREAT" in m["flags"]:
             events.append(("commit", "", ""))
     _assert_synced_before_commit(events, root)
+
+
+# -- temporaries of one pid on two hosts; debris that is not ours ---------------------------
+
+
+def test_d05_two_writers_with_one_pid_on_two_hosts_never_share_a_temporary(
+    tmp_path: Path,
+) -> None:
+    # Two hosts sharing an NFS durable directory can run writers with the same pid; two
+    # tiers in this one process are exactly that. Host A's write is under way when host B
+    # writes the same key from start to end.
+    root = str(tmp_path / "nfs")
+    host_a, host_b = DirectoryTier(root, name="durable"), DirectoryTier(root, name="durable")
+    host_a.ensure_root()
+    seen: list[str] = []
+
+    def a_chunks() -> Iterator[bytes]:
+        yield b"A" * 4096
+        seen.extend(os.listdir(os.path.join(root, "s")))
+        host_b.write("s/blob", [b"B" * 10])
+        yield b"A" * 4096
+
+    host_a.write("s/blob", a_chunks())
+    assert len(seen) == 1 and re.fullmatch(r"blob\.tmp-\d+-[0-9a-f]{16}", seen[0]), seen
+    assert bytes(host_a.read("s/blob")) == b"A" * 8192  # the last whole write wins
+    assert os.listdir(os.path.join(root, "s")) == ["blob"]
+
+
+def test_d17_discard_partial_removes_only_temporaries_of_tierckpts_own_naming(
+    tmp_path: Path,
+) -> None:
+    tier = DirectoryTier(str(tmp_path / "d"), name="durable")
+    tier.write("s/step_1/a.data", [b"done"])
+    step = os.path.join(tier.root, "s", "step_1")
+    ours = ["a.data.tmp-123-0123456789abcdef", "b.data.tmp-77"]  # today's and the old naming
+    foreign = ["notes.tmp-backup", "c.tmp-12-xyz", "d.tmp-", "user.txt"]
+    for name in ours + foreign:
+        Path(step, name).write_bytes(b"x")
+    assert tier.discard_partial("s/step_1/") == 2
+    assert sorted(os.listdir(step)) == sorted(["a.data", *foreign])
+    assert bytes(tier.read("s/step_1/a.data")) == b"done"
+    assert tier.discard_partial("s/missing/") == 0
+    with pytest.raises(ValueError):
+        tier.discard_partial("../elsewhere")

@@ -6,6 +6,8 @@ import builtins
 import contextlib
 import errno
 import os
+import re
+import secrets
 import shutil
 from collections.abc import Iterable
 
@@ -16,6 +18,8 @@ from .base import Buffer, KeyNotFoundError
 __all__ = ["DirectoryTier", "fsync_dir", "remove_quietly"]
 
 _TMP_MARK = ".tmp-"
+_OWN_TMP = re.compile(r"(?P<key>.+)\.tmp-\d+(?:-[0-9a-f]{16})?")
+"""This tier's temporaries: ``<key>.tmp-<pid>-<16 hex>`` (``<key>.tmp-<pid>`` before 0.2)."""
 
 
 class DirectoryTier:
@@ -62,7 +66,8 @@ class DirectoryTier:
         return os.path.join(self.root, key)
 
     def _tmp_path(self, key: str) -> str:
-        return f"{self.path(key)}{_TMP_MARK}{os.getpid()}"
+        # pid and a random token: writers on two hosts sharing a directory can share a pid.
+        return f"{self.path(key)}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(8)}"
 
     def _makedirs(self, key: str) -> None:
         """Create the directories of ``key``; with ``durable_sync``, fsync each new one's parent."""
@@ -179,6 +184,31 @@ class DirectoryTier:
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
+
+    def discard_partial(self, prefix: str) -> int:
+        """Remove the temporaries of unfinished writes of keys that start with ``prefix``.
+
+        ``prefix`` is a string prefix of keys: ``ns/step_1/`` (a directory) or
+        ``ns/step_1/<attempt>-r0.`` (names within it). Only files of this tier's own
+        temporary naming are removed; finished keys and foreign files stay. A write still in
+        progress loses its temporary too: call this only where the writers of those keys are
+        known to be gone. Returns how many were removed.
+        """
+        if prefix.startswith("/") or ".." in prefix.split("/"):
+            raise ValueError(f"invalid prefix {prefix!r}")
+        top = self.path(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
+        removed = 0
+        for dirpath, dirs, files in os.walk(top):
+            rel = os.path.relpath(dirpath, self.root)
+            rel = "" if rel == "." else rel + "/"
+            dirs[:] = [d for d in dirs if (rel + d + "/").startswith(prefix)]
+            for fname in files:
+                m = _OWN_TMP.fullmatch(fname)
+                if m and (rel + m["key"]).startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(dirpath, fname))
+                        removed += 1
+        return removed
 
     def mtime(self, key: str) -> float | None:
         """Modification time of ``key``, or None when it is missing."""
