@@ -14,13 +14,16 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fixtures_s3 import S3Server
 from tierckpt.tiers.directory import DirectoryTier
 from tierckpt.tiers.memory import MemoryTier
+from tierckpt.tiers.s3 import S3Tier, uploads
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -214,3 +217,26 @@ def test_d17_discard_partial_removes_only_temporaries_of_tierckpts_own_naming(
     assert tier.discard_partial("s/missing/") == 0
     with pytest.raises(ValueError):
         tier.discard_partial("../elsewhere")
+
+
+def test_d17_without_boto3_s3_discard_partial_aborts_nothing_and_names_the_lifecycle_rule(
+    s3_server: S3Server,
+    s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = s3_server.client()
+    up = client.create_multipart_upload(Bucket=s3_bucket, Key="p/s/step_1/a.data")
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    monkeypatch.setattr(uploads, "_warned_no_boto3", threading.Event())
+    tier = S3Tier(f"s3://{s3_bucket}/p", endpoint_url=s3_server.endpoint_url)
+    with caplog.at_level("WARNING", logger="tierckpt"):
+        assert tier.discard_partial("s/step_1/") == 0
+        assert tier.discard_partial("s/step_1/") == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "AbortIncompleteMultipartUpload" in warnings[0], warnings
+    monkeypatch.undo()
+    left = client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+    assert [u["UploadId"] for u in left] == [up["UploadId"]]
+    with pytest.raises(ValueError):
+        tier.discard_partial("s/../x")

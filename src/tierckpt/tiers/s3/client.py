@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "StoreHolder",
+    "boto3_client",
     "claim_runtime",
     "make_store",
     "obstore_module",
@@ -117,6 +118,30 @@ def make_store(
         credential_provider=provider,
     )
     return store
+
+
+def boto3_client(
+    *, endpoint_url: str | None, region: str | None, provider: Any, timeout_s: float, retries: int
+) -> Any:
+    """A boto3 S3 client on the same endpoint, or None when boto3 is not installed.
+
+    Only for what obstore cannot do (listing and aborting multipart uploads). boto3 finds
+    credentials through the same standard AWS chain (environment, profile, roles).
+    """
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        return None
+    session = boto3.Session()
+    region = region or profile_region(provider) or session.region_name or "us-east-1"
+    config = Config(
+        connect_timeout=min(timeout_s, 10.0),
+        read_timeout=timeout_s,
+        retries={"max_attempts": retries + 1, "mode": "standard"},
+        s3={"addressing_style": "path"} if endpoint_url else None,
+    )
+    return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
 
 def profile_credentials() -> Any:

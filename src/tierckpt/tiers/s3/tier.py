@@ -99,6 +99,7 @@ class S3Tier(Uploads, RangedReads):
         self.backoff_init_s = backoff_init_s
         self.backoff_max_s = backoff_max_s
         self._provider = None if os.environ.get("AWS_ACCESS_KEY_ID") else profile_credentials()
+        self._boto3: Any = None  # built on first discard_partial
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._client = self._make_store(

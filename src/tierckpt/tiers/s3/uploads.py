@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
+from ...errors import DurableTierError
 from ..base import Buffer
-from .errors import ErrorHandling
+from .client import boto3_client
+from .errors import ErrorHandling, first_line
 
 __all__ = ["Uploads", "byte_view"]
+
+_log = logging.getLogger("tierckpt")
+_warned_no_boto3 = threading.Event()
 
 
 def byte_view(chunk: Buffer) -> memoryview:
@@ -47,6 +55,10 @@ class Uploads(ErrorHandling):
 
     part_size: int
     max_concurrency: int
+    prefix: str
+    region: str | None
+    _provider: Any
+    _boto3: Any
 
     def write(self, key: str, chunks: Iterable[Buffer]) -> int:
         """Store the concatenated chunks: one PUT up to ``part_size``, else a multipart upload."""
@@ -114,3 +126,59 @@ class Uploads(ErrorHandling):
             ),
         )
         return size
+
+    def discard_partial(self, prefix: str) -> int:
+        """Abort the open multipart uploads of keys that start with ``prefix``; how many.
+
+        ``prefix`` is a string prefix of keys (``ns/step_1/`` or ``ns/step_1/<attempt>-r0.``),
+        as in S3's ListMultipartUploads. A writer killed mid-upload leaves its upload open,
+        and S3 bills its parts until it is aborted. An upload still in progress is aborted
+        too: call this only where the writers of those keys are known to be gone.
+
+        obstore can neither list nor abort multipart uploads, so this goes through boto3 (same
+        endpoint, the standard credential chain). Without boto3 it aborts nothing and warns
+        once: give the bucket a lifecycle rule with ``AbortIncompleteMultipartUpload``.
+        """
+        if prefix.startswith("/") or ".." in prefix.split("/"):
+            raise ValueError(f"invalid prefix {prefix!r}")
+        if self._boto3 is None:
+            self._boto3 = boto3_client(
+                endpoint_url=self.endpoint_url,
+                region=self.region,
+                provider=self._provider,
+                timeout_s=self.timeout_s,
+                retries=self.max_retries,
+            )
+        client = self._boto3
+        if client is None:
+            if not _warned_no_boto3.is_set():
+                _warned_no_boto3.set()
+                _log.warning(
+                    "Cannot abort the multipart uploads left in %s by a killed writer: that "
+                    "needs boto3 (pip install boto3). Give the bucket a lifecycle rule with "
+                    "AbortIncompleteMultipartUpload instead.",
+                    self.url,
+                )
+            return 0
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        aborted = 0
+        try:
+            pages = client.get_paginator("list_multipart_uploads")
+            for page in pages.paginate(Bucket=self.bucket, Prefix=full):
+                for up in page.get("Uploads", []):
+                    try:
+                        client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"]
+                        )
+                    except client.exceptions.NoSuchUpload:
+                        continue  # finished or aborted meanwhile
+                    aborted += 1
+        except Exception as e:
+            if "NoSuchBucket" in str(e):
+                raise self._unavailable("no such bucket") from e
+            raise DurableTierError(
+                f"S3 abort of the multipart uploads under {self._object(prefix)} failed: "
+                f"{first_line(e)}; check the endpoint, the credentials and the "
+                "s3:ListBucketMultipartUploads / s3:AbortMultipartUpload permissions."
+            ) from e
+        return aborted
