@@ -77,11 +77,6 @@ def _op_part(t: S3Tier) -> None:
     assert bytes(t.read("big")) == data
 
 
-def _op_create(t: S3Tier) -> None:
-    assert t.write_if_absent("marker", b"m") is True
-    assert t.write_if_absent("marker", b"m") is False
-
-
 def _op_delete(t: S3Tier) -> None:
     t.delete("seed")
     assert t.list("") == {}
@@ -94,7 +89,6 @@ OPS: dict[str, tuple[Op, str, str | None]] = {
     "list": (_op_list, "GET", "list-type"),
     "multipart-part": (_op_part, "PUT", "partNumber=2"),
     "multipart-complete": (_op_part, "POST", "uploadId="),
-    "create-only-put": (_op_create, "PUT", "/marker"),
     "bulk-delete": (_op_delete, "POST", "?delete"),
 }
 
@@ -139,23 +133,6 @@ def test_truncated_get_body_resumes(fault_proxy: FaultProxy, s3_bucket: str) -> 
     assert gets[1].range is not None and not gets[1].range.startswith("bytes=0-")  # resumed
 
 
-def test_create_whose_answer_was_lost_reports_created(
-    fault_proxy: FaultProxy, s3_bucket: str
-) -> None:
-    tier = proxied(fault_proxy, s3_bucket)
-    # The PUT reaches moto, but its answer is lost: the retry meets 412, and the object
-    # holds exactly our bytes, so the create was ours.
-    fault_proxy.fail_next("truncate", method="PUT")
-    assert tier.write_if_absent("commit", b"attempt-1") is True
-    assert statuses(fault_proxy, "PUT") == [None, 412]
-    # Someone else's marker with other bytes: not ours.
-    fault_proxy.fail_next("truncate", method="PUT")
-    other = proxied(fault_proxy, s3_bucket)
-    other.delete("commit")
-    other.write("commit", [b"attempt-2"])
-    assert tier.write_if_absent("commit", b"attempt-3") is False
-
-
 def test_retries_exhausted_names_the_object(fault_proxy: FaultProxy, s3_bucket: str) -> None:
     tier = proxied(fault_proxy, s3_bucket, max_retries=2)
     tier.write("ckpt/data", [b"d"])
@@ -180,7 +157,7 @@ def test_retries_exhausted_names_the_object(fault_proxy: FaultProxy, s3_bucket: 
 def test_resets_exhausted_raise(fault_proxy: FaultProxy, s3_bucket: str) -> None:
     tier = proxied(fault_proxy, s3_bucket, max_retries=1)
     fault_proxy.fail_next("reset", 100)
-    for call in (lambda: tier.write("k", [b"1"]), lambda: tier.write_if_absent("m", b"1")):
+    for call in (lambda: tier.write("k", [b"1"]), lambda: tier.write("m", [b"1"])):
         with pytest.raises(DurableTierError, match=f"s3://{s3_bucket}/ns/") as info:
             call()
         assert "reachable" in str(info.value)
@@ -197,7 +174,7 @@ def test_slow_response_times_out_and_is_retried(fault_proxy: FaultProxy, s3_buck
     fault_proxy.fail_next("slow", method="PUT", delay_s=10)
     tier.write("k2", [b"w"])
     fault_proxy.fail_next("slow", method="PUT", delay_s=10)
-    assert tier.write_if_absent("k3", b"z") is True
+    assert tier.write("k3", [b"z"]) == 1
     assert time.monotonic() - start < 8.0  # three 1 s timeouts, not three 10 s stalls
     settle(fault_proxy, 6)
     assert statuses(fault_proxy, "GET")[-2:] == [None, 206]

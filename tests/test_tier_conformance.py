@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import array
 import os
+import pickle
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -206,18 +211,6 @@ def test_failed_write_leaves_nothing_partial(tier: Tier) -> None:
     assert tier.list("") == {"k": 3}
 
 
-def test_write_if_absent(tier: Tier) -> None:
-    assert tier.write_if_absent("m/commit", b"first") is True
-    assert tier.write_if_absent("m/commit", b"second") is False
-    assert tier.write_if_absent("m/commit", b"first") is False
-    assert bytes(tier.read("m/commit")) == b"first"
-    assert tier.write_if_absent("m/other", memoryview(b"xyz")) is True
-    assert tier.list("m") == {"commit": 5, "other": 3}
-    tier.delete("m/commit")
-    assert tier.write_if_absent("m/commit", b"third") is True
-    assert bytes(tier.read("m/commit")) == b"third"
-
-
 def test_delete_idempotent(tier: Tier) -> None:
     tier.write("d/k", [b"1"])
     tier.delete("d/k")
@@ -263,3 +256,80 @@ def test_invalid_keys_rejected(tier: Tier, key: str) -> None:
         tier.write(key, [b"x"])
     with pytest.raises(ValueError):
         tier.read(key)
+
+
+# -- debris of a writer killed mid-upload (d17) ----------------------------------------------
+
+_KILLED_WRITERS = """
+import os, pickle, sys, threading
+tier = pickle.loads(sys.stdin.buffer.read())
+keys = sys.argv[1:]
+handed_over = threading.Barrier(len(keys))
+def chunks():
+    for _ in range(11):  # 11 MiB: two full 5 MiB parts handed over, a multipart upload open
+        yield bytes(2**20)
+    if handed_over.wait() == 0:  # every write is under way: die now, mid-upload
+        os.kill(os.getpid(), 9)
+    threading.Event().wait()
+for key in keys:
+    threading.Thread(target=tier.write, args=(key, chunks()), daemon=True).start()
+threading.Event().wait(60)
+"""
+
+
+def _kill_mid_writes(tier: Tier, *keys: str) -> None:
+    """A real process writes each key and is SIGKILLed mid-way, leaving what it leaves."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITERS, *keys],
+        input=pickle.dumps(tier),
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == -9, child.stderr.decode()
+
+
+def _debris(tier: Tier) -> list[str]:
+    """The keys whose unfinished uploads are in ``tier``, as the store shows them."""
+    if isinstance(tier, DirectoryTier):
+        out = []
+        for dirpath, _dirs, files in os.walk(tier.root):
+            rel = os.path.relpath(dirpath, tier.root)
+            out += [f"{rel}/{f.split('.tmp-')[0]}" for f in files if ".tmp-" in f]
+        return sorted(out)
+    assert isinstance(tier, S3Tier)
+    client = _boto3(tier)
+    uploads = client.list_multipart_uploads(Bucket=tier.bucket).get("Uploads", [])
+    return sorted(u["Key"][len(tier.prefix) + 1 :] for u in uploads)
+
+
+def _boto3(tier: S3Tier) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=tier.endpoint_url, region_name="us-east-1")
+
+
+def test_d17_discard_partial_removes_a_killed_writers_upload_under_the_prefix_only(
+    tier: Tier,
+) -> None:
+    finished = {"s/step_1/a-r0.data": b"r0", "s/step_1/a-r0.manifest": b"m", "s/step_2/x": b"x"}
+    for key, data in finished.items():
+        tier.write(key, [data])
+    _kill_mid_writes(tier, "s/step_1/a-r0.data", "s/step_1/a-r1.data", "s/step_2/y")
+    assert _debris(tier) == ["s/step_1/a-r0.data", "s/step_1/a-r1.data", "s/step_2/y"]
+    assert tier.list("s") == {"step_1/a-r0.data": 2, "step_1/a-r0.manifest": 1, "step_2/x": 1}
+    discard = tier.discard_partial  # type: ignore[attr-defined]
+    # A name prefix (one rank's files of one attempt), as resume passes it.
+    assert discard("s/step_1/a-r0.") == 1
+    assert _debris(tier) == ["s/step_1/a-r1.data", "s/step_2/y"]
+    assert discard("s/step_1/") == 1
+    assert discard("s/step_1/") == 0
+    assert _debris(tier) == ["s/step_2/y"]
+    assert tier.list("s") == {"step_1/a-r0.data": 2, "step_1/a-r0.manifest": 1, "step_2/x": 1}
+    for key, data in finished.items():
+        assert bytes(tier.read(key)) == data
+    assert discard("s/") == 1
+    assert _debris(tier) == []

@@ -23,7 +23,16 @@ class KeyNotFoundError(CheckpointNotFoundError):
 
 @runtime_checkable
 class Tier(Protocol):
-    """A flat key/value store of immutable blobs."""
+    """A flat key/value store of immutable blobs.
+
+    Keys are relative, ``/``-separated, without ``..``; a bad key raises ``ValueError``.
+    ``write`` and ``put_file`` are atomic (readers see the whole new blob or the old state)
+    and, on a durable tier, durable when they return, so a later write (a step's COMMIT) can
+    never be persisted before the blobs written earlier. There is no create-only write:
+    every save attempt writes under names of its own, and a commit is a plain atomic write.
+    Errors: :class:`KeyNotFoundError` for a missing key, the
+    :class:`~tierckpt.errors.DurableTierError` family for a store that fails.
+    """
 
     name: str
     """``"memory"``, ``"peer"`` or ``"durable"``: the label used in logs and counters."""
@@ -31,15 +40,15 @@ class Tier(Protocol):
     """Where the tier lives, for messages."""
 
     def write(self, key: str, chunks: Iterable[Buffer]) -> int:
-        """Store the concatenated chunks under ``key``; readers see all of it or nothing."""
+        """Store the concatenated chunks under ``key`` (replacing it); the bytes written.
+
+        Readers see all of it or nothing; a failure (also one raised by ``chunks``) leaves
+        the previous value, or no key, in place.
+        """
         ...
 
     def put_file(self, key: str, path: str) -> int:
-        """Store a local file's contents under ``key`` (atomic like :meth:`write`)."""
-        ...
-
-    def write_if_absent(self, key: str, data: Buffer) -> bool:
-        """Store ``data`` only if ``key`` does not exist; False if it did."""
+        """Store a local file's contents under ``key`` (atomic like :meth:`write`); its size."""
         ...
 
     def read(self, key: str, offset: int = 0, length: int | None = None) -> Buffer:
@@ -47,11 +56,14 @@ class Tier(Protocol):
         ...
 
     def list(self, prefix: str) -> dict[str, int]:
-        """Every key under ``prefix/`` (relative to it) with its size in bytes."""
+        """Every finished key under ``prefix/`` (relative to it) with its size in bytes.
+
+        Temporaries of unfinished writes are never listed; a missing prefix gives ``{}``.
+        """
         ...
 
     def list_dirs(self, prefix: str) -> builtins.list[str]:
-        """Names of the immediate sub-directories (common prefixes) of ``prefix/``."""
+        """Sorted names of the immediate sub-directories (common prefixes) of ``prefix/``."""
         ...
 
     def delete(self, key: str) -> None:
@@ -59,5 +71,5 @@ class Tier(Protocol):
         ...
 
     def delete_prefix(self, prefix: str) -> None:
-        """Remove every key under ``prefix/``."""
+        """Remove every key under ``prefix/`` (``prefix`` itself is a directory, not a key)."""
         ...

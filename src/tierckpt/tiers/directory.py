@@ -6,6 +6,8 @@ import builtins
 import contextlib
 import errno
 import os
+import re
+import secrets
 import shutil
 from collections.abc import Iterable
 
@@ -13,19 +15,31 @@ from .._faults import crash_point
 from ..errors import DurableUnavailableError, TierFullError
 from .base import Buffer, KeyNotFoundError
 
-__all__ = ["DirectoryTier", "remove_quietly"]
+__all__ = ["DirectoryTier", "fsync_dir", "remove_quietly"]
 
 _TMP_MARK = ".tmp-"
+_OWN_TMP = re.compile(r"(?P<key>.+)\.tmp-\d+(?:-[0-9a-f]{16})?")
+"""This tier's temporaries: ``<key>.tmp-<pid>-<16 hex>`` (``<key>.tmp-<pid>`` before 0.2)."""
 
 
 class DirectoryTier:
-    """Blobs as files under ``root``; writes go to a temporary name and are renamed."""
+    """Blobs as files under ``root``; writes go to a temporary name and are renamed.
 
-    def __init__(self, root: str, *, name: str, dir_mode: int = 0o755) -> None:
+    With ``durable_sync`` (the default, for the ``file://`` durable tier) a write returns
+    only once it is on disk, as DCP's ``FileSystemWriter`` does: the temporary is fsynced
+    before its rename, and the directory after it (and every new directory into its
+    parent), so a later write (a step's COMMIT) can never reach the disk before it. The
+    memory tier on tmpfs passes ``durable_sync=False``: there is no disk to reach.
+    """
+
+    def __init__(
+        self, root: str, *, name: str, dir_mode: int = 0o755, durable_sync: bool = True
+    ) -> None:
         self.root = os.path.abspath(root)
         self.name = name
         self.url = "file://" + self.root
         self._dir_mode = dir_mode
+        self.durable_sync = durable_sync
 
     def ensure_root(self) -> None:
         """Create the root directory if it is missing."""
@@ -52,10 +66,30 @@ class DirectoryTier:
         return os.path.join(self.root, key)
 
     def _tmp_path(self, key: str) -> str:
-        return f"{self.path(key)}{_TMP_MARK}{os.getpid()}"
+        # pid and a random token: writers on two hosts sharing a directory can share a pid.
+        return f"{self.path(key)}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(8)}"
 
     def _makedirs(self, key: str) -> None:
-        os.makedirs(os.path.dirname(self.path(key)), mode=self._dir_mode, exist_ok=True)
+        """Create the directories of ``key``; with ``durable_sync``, fsync each new one's parent."""
+        target = os.path.dirname(self.path(key))
+        if os.path.isdir(target):
+            return
+        missing = []
+        d = target
+        while not os.path.isdir(d) and os.path.dirname(d) != d:
+            missing.append(d)
+            d = os.path.dirname(d)
+        os.makedirs(target, mode=self._dir_mode, exist_ok=True)
+        if self.durable_sync:
+            for d in reversed(missing):
+                fsync_dir(os.path.dirname(d))
+
+    def _publish(self, tmp: str, key: str) -> None:
+        """Rename ``tmp`` (fsynced already when ``durable_sync``) to ``key``, durably."""
+        final = self.path(key)
+        os.replace(tmp, final)
+        if self.durable_sync:
+            fsync_dir(os.path.dirname(final))
 
     def write(self, key: str, chunks: Iterable[Buffer]) -> int:
         self._makedirs(key)
@@ -69,7 +103,9 @@ class DirectoryTier:
                         n = f.write(view)
                         total += n or 0
                         view = view[n:]
-            os.replace(tmp, self.path(key))
+                if self.durable_sync:
+                    os.fsync(f.fileno())
+            self._publish(tmp, key)
         except BaseException as e:
             remove_quietly(tmp)
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -85,25 +121,18 @@ class DirectoryTier:
         tmp = self._tmp_path(key)
         try:
             shutil.copyfile(path, tmp)
+            if self.durable_sync:
+                fd = os.open(tmp, os.O_RDWR)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             crash_point("tier.before_put_rename")
-            os.replace(tmp, self.path(key))
+            self._publish(tmp, key)
         except BaseException:
             remove_quietly(tmp)
             raise
         return os.path.getsize(self.path(key))
-
-    def write_if_absent(self, key: str, data: Buffer) -> bool:
-        self._makedirs(key)
-        tmp = self._tmp_path(key)
-        with open(tmp, "wb") as f:
-            f.write(data)
-        try:
-            os.link(tmp, self.path(key))  # fails if the key exists: create-only
-        except FileExistsError:
-            return False
-        finally:
-            remove_quietly(tmp)
-        return True
 
     def read(self, key: str, offset: int = 0, length: int | None = None) -> Buffer:
         try:
@@ -156,6 +185,31 @@ class DirectoryTier:
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
 
+    def discard_partial(self, prefix: str) -> int:
+        """Remove the temporaries of unfinished writes of keys that start with ``prefix``.
+
+        ``prefix`` is a string prefix of keys: ``ns/step_1/`` (a directory) or
+        ``ns/step_1/<attempt>-r0.`` (names within it). Only files of this tier's own
+        temporary naming are removed; finished keys and foreign files stay. A write still in
+        progress loses its temporary too: call this only where the writers of those keys are
+        known to be gone. Returns how many were removed.
+        """
+        if prefix.startswith("/") or ".." in prefix.split("/"):
+            raise ValueError(f"invalid prefix {prefix!r}")
+        top = self.path(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
+        removed = 0
+        for dirpath, dirs, files in os.walk(top):
+            rel = os.path.relpath(dirpath, self.root)
+            rel = "" if rel == "." else rel + "/"
+            dirs[:] = [d for d in dirs if (rel + d + "/").startswith(prefix)]
+            for fname in files:
+                m = _OWN_TMP.fullmatch(fname)
+                if m and (rel + m["key"]).startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(dirpath, fname))
+                        removed += 1
+        return removed
+
     def mtime(self, key: str) -> float | None:
         """Modification time of ``key``, or None when it is missing."""
         try:
@@ -166,6 +220,22 @@ class DirectoryTier:
     def usage_bytes(self) -> int:
         """Bytes held under the root (every namespace)."""
         return sum(self.list("").values()) if os.path.isdir(self.root) else 0
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory, making the names created or renamed in it durable.
+
+    ``EINVAL`` (a file system that cannot sync directories) is ignored: there is nothing
+    more to do there.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
 
 
 def remove_quietly(path: str) -> None:

@@ -14,10 +14,10 @@ __all__ = ["MemoryTier"]
 
 
 class MemoryTier(DirectoryTier):
-    """A :class:`DirectoryTier` on tmpfs, private to the user (mode 0700)."""
+    """A :class:`DirectoryTier` on tmpfs, private to the user (mode 0700); no fsync."""
 
     def __init__(self, root: str) -> None:
-        super().__init__(root, name="memory", dir_mode=0o700)
+        super().__init__(root, name="memory", dir_mode=0o700, durable_sync=False)
 
     def ensure_root(self) -> None:
         """Create the root (0700) if it is missing, e.g. after a node reboot."""
