@@ -39,6 +39,8 @@ def test_d04_resaving_a_committed_step_on_two_ranks_never_deletes_the_other_rank
         assert "errors" not in r["load"], r
         assert r["load"]["step"] == r["round"], r
         assert r["exact"], f"round {r['round']}: the re-saved step did not load bit-exact: {r}"
+        # The first attempt's files went once its writers were done: one data file per rank.
+        assert len([f for f in r["files"] if f.endswith(".data")]) == 2, r["files"]
 
 
 def test_d06_a_reader_never_gets_bytes_of_a_file_the_trainer_evicted_and_recycled_meanwhile(
@@ -74,6 +76,21 @@ def test_d15_an_async_save_of_replicated_ddp_state_stores_each_tensor_once_acros
         # The blocking part copied each tensor exactly once.
         assert r["staged_copy_bytes"] == state, r["staged_copy_bytes"]
         assert r["tmpfs_bytes_during_stage"] <= 0.05 * state, r["tmpfs_bytes_during_stage"]
+
+
+def test_d15_an_async_save_of_shards_and_replicated_state_stores_the_replicated_part_once(
+    config_factory,
+):
+    results = run_ranks(ws.w_mixed_async_save, 2, config_factory(), timeout=120)
+
+    res = results[0]
+    stored = sum(res["data_file_bytes"].values())
+    # Every shard once, the replicated tensor once, a few kB of byte items and alignment.
+    once = res["full_sharded_bytes"] + res["rep_bytes"]
+    assert once <= stored <= once + res["rep_bytes"] // 2, (stored, once, res)
+    for r in results:
+        assert r["loaded"] == r["saved"]
+        assert r["staged_copy_bytes"] == r["local_tensor_bytes"], r
 
 
 def _free_pid() -> int:

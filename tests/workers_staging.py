@@ -297,6 +297,42 @@ def w_ddp_async_save(rank: int, world_size: int, cfg: CheckpointConfig) -> Any:
     }
 
 
+def mixed_state(seed: int, world_size: int) -> dict[str, Any]:
+    """A DTensor sharded over the ranks, a replicated plain tensor and byte items."""
+    g = torch.Generator().manual_seed(seed)
+    state = sharded_tensors(seed, world_size, rows=128)
+    state["rep"] = torch.randn(128, 64, generator=g)
+    state["extra"] = dw.extra_values(seed)
+    return state
+
+
+def w_mixed_async_save(rank: int, world_size: int, cfg: CheckpointConfig) -> Any:
+    """``dcp.async_save`` of shards + a replicated tensor + byte items; sizes; a load."""
+    sd = mixed_state(seed=3, world_size=world_size)
+    saved = dw.fingerprint(sd)
+    w = CopyCountingWriter(cfg, step=1)
+    res = dcp.async_save(sd, storage_writer=w, process_group=dist.new_group(backend="gloo"))
+    upload = res.upload_completion if hasattr(res, "staging_completion") else res
+    upload.result(timeout=120)
+    dist.barrier()
+    files = data_files(cfg.memory_root or "", cfg.namespace, 1)
+    target = mixed_state(seed=4, world_size=world_size)
+    target["extra"] = dw.blank_extra()
+    info = dw.load(cfg, target)
+    return {
+        "full_sharded_bytes": sum(_tensor_bytes(t.full_tensor()) for t in (sd["w"], sd["v"])),
+        "rep_bytes": _tensor_bytes(sd["rep"]),
+        "local_tensor_bytes": _tensor_bytes(
+            {"w": sd["w"].to_local(), "v": sd["v"].to_local(), "rep": sd["rep"]}
+        ),
+        "staged_copy_bytes": w.staged_copy_bytes,
+        "data_file_bytes": {n: st.st_size for n, st in files.items()},
+        "load": info,
+        "saved": saved,
+        "loaded": dw.fingerprint(target),
+    }
+
+
 # --------------------------------------------------------------------------- d18
 
 
@@ -332,8 +368,9 @@ def w_byte_items_overflow_the_tmpfs(
         try:
             if how == "save":
                 dw.save(cfg, bytes_state(step, big), step)
-            else:
-                _async_save(cfg, bytes_state(step, big), step)
+            else:  # with a shard of its own, staged first into the memory tier
+                state = bytes_state(step, big) | sharded_tensors(step, world_size, rows=16)
+                _async_save(cfg, state, step)
             error = None
         except BaseException as e:
             error = dw.describe_error(e)
@@ -390,7 +427,7 @@ def w_ranks_race_for_the_last_room(
     used = dw.tree_size(root)
     budget = used + part + part // 2
     bounded = dataclasses.replace(cfg, memory_budget=budget)
-    _rendezvous_after_make_room(flags, rank, world_size, wait_s=3.0)
+    _rendezvous_after_make_room(flags, rank, world_size, wait_s=2.0)
     samples: list[int] = []
     stop = threading.Event()
 
@@ -400,7 +437,7 @@ def w_ranks_race_for_the_last_room(
                 samples.append(dw.tree_size(root))
             except FileNotFoundError:
                 continue
-            time.sleep(0.002)
+            time.sleep(0.01)
 
     sampler = threading.Thread(target=sample, daemon=True)
     if rank == 0:
