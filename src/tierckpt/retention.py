@@ -90,25 +90,45 @@ def sweep(catalog: StepCatalog, keep_last: int, log: logging.Logger) -> int:
 
 
 def _remove_superseded(catalog: StepCatalog, step: int, record: CommitRecord) -> None:
-    """Delete files of earlier attempts of a committed step (older than its commit)."""
+    """Delete files of earlier attempts of a committed step.
+
+    A file goes only when its attempt is not named by the commit AND that attempt's lease
+    is not live (its writer finished, failed or died). Never judged by mtime or pid: a
+    recycled buffer keeps an old mtime, and another rank may be re-saving this step now.
+    """
+    import os
+
+    from .leases import LEASE_DIR, is_live, lease_name
+
     tier = catalog.tier
     if not isinstance(tier, MemoryTier):
         return
-    commit_mtime = tier.mtime(catalog.key(step, layout.COMMIT_NAME))
-    if commit_mtime is None:
-        return
-    live = {r.attempt for r in record.ranks} | {record.attempt}
-    for name in catalog.files(step):
+    ns_dir = tier.path(catalog.namespace)
+    named = {r.attempt for r in record.ranks} | {record.attempt}
+    files = catalog.files(step)
+    try:  # listed after the files: a file's lease is taken before the file is written
+        leases = os.listdir(os.path.join(ns_dir, LEASE_DIR))
+    except FileNotFoundError:
+        leases = []
+    for name in files:
         attempt = layout.attempt_of(name)
-        if attempt is None or attempt in live:
+        if attempt is None or attempt in named:
             continue
-        mtime = tier.mtime(catalog.key(step, name))
-        if mtime is not None and mtime < commit_mtime:
+        rank = name[len(attempt) :].removeprefix("-r").split(".", 1)[0]
+        if name[len(attempt) :].startswith("-r") and rank.isdigit():  # <attempt>-r<rank>.*
+            live = is_live(ns_dir, lease_name(attempt, int(rank)))
+        else:  # e.g. <attempt>.metadata: any rank of that attempt
+            live = any(n.startswith(f"{attempt}-r") and is_live(ns_dir, n) for n in leases)
+        if not live:
             tier.delete(catalog.key(step, name))
 
 
 def make_room(catalog: StepCatalog, needed: int, budget: int | None, log: logging.Logger) -> None:
-    """Evict the oldest evictable steps until ``needed`` more bytes fit in ``budget``."""
+    """Evict the oldest evictable steps until ``needed`` more bytes fit in ``budget``.
+
+    Callers hold the node's ``staging.budget_lock`` around this check and the allocation
+    it admits, so the ranks of a node never exceed the budget together.
+    """
     if budget is None:
         return
     tier = catalog.tier

@@ -4,31 +4,52 @@ A rank's staging buffer becomes that rank's data file of the step when it is wri
 (a rename, no copy). Data files of evicted steps return to a per-namespace pool and are
 reused by later saves, so their pages are already resident: copies run at memcpy speed
 instead of page-fault speed (see DESIGN "Measured on these machines").
+
+Safety rules: a staging file or a pre-faulted spare is abandoned only when its lease is not
+live (never judged by pid or mtime); a pooled file is claimed only under an exclusive
+non-blocking flock, so a file a reader holds (shared flock) is never reused; with a memory
+budget, the check and the allocation run under one node-wide lock per memory root; a full
+tmpfs is a :class:`TierFullError` and the failed buffer is deleted, not pooled.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
 import re
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 import torch
 import xxhash
 
 from .errors import TierFullError
+from .leases import AttemptLease, is_live, lease_name
 from .tiers.memory import MemoryTier
 
-__all__ = ["ALIGN", "StagingBuffer", "StagingPool", "release_deleted_mappings", "tensor_bytes"]
+__all__ = [
+    "ALIGN",
+    "PrivateBuffer",
+    "StagingBuffer",
+    "StagingPool",
+    "budget_lock",
+    "is_full",
+    "release_deleted_mappings",
+    "tensor_bytes",
+]
 
 ALIGN = 64
 """Byte alignment of each blob in a data file."""
 _POOL_DIR = ".pool"
 _STAGING_DIR = ".staging"
+_BUDGET_LOCK = ".budget.lock"
+"""Under the memory root: held while a rank checks the budget and allocates (node-wide)."""
+_FILLING = ".filling-"
 
 
 def align(n: int) -> int:
@@ -39,32 +60,50 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-class StagingBuffer:
-    """A bump allocator over one mmap'd memory-tier file."""
+def is_full(error: BaseException) -> bool:
+    """True for a full tier: a :class:`TierFullError` or an ENOSPC / EDQUOT ``OSError``."""
+    return isinstance(error, TierFullError) or (
+        isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    )
 
-    def __init__(self, path: str, capacity: int) -> None:
+
+def _full(path: str, nbytes: int, error: OSError) -> TierFullError:
+    full = TierFullError(
+        f"The memory tier at {os.path.dirname(path)} has no room for {nbytes} more bytes of a "
+        "staging buffer: free tmpfs space, lower memory_keep_last or set memory_budget."
+    )
+    full.__cause__ = error
+    return full
+
+
+class StagingBuffer:
+    """A bump allocator over one mmap'd memory-tier file.
+
+    ``fd`` (optional) is an open, exclusively flocked descriptor of ``path`` that the
+    buffer takes over; the lock is dropped by :meth:`close`.
+    """
+
+    def __init__(self, path: str, capacity: int, fd: int | None = None) -> None:
         self.path = path
         self.capacity = capacity
         self.used = 0
-        self._fd = os.open(path, os.O_RDWR)
-        self.reused_bytes = os.fstat(self._fd).st_size
+        self._fd = os.open(path, os.O_RDWR) if fd is None else fd
         try:
+            self.reused_bytes = os.fstat(self._fd).st_size
             # Allocate the blocks now: a full tmpfs then fails here with ENOSPC instead of
             # killing the process with SIGBUS on a later write through the mapping.
             # Files made here are always fully allocated, so a reused one that covers the
             # capacity needs no second pass over its pages.
             if capacity > self.reused_bytes:
                 os.posix_fallocate(self._fd, 0, capacity)
-        except OSError as e:
+            self.file_size = os.fstat(self._fd).st_size
+            hits = _MAPPINGS.hits
+            self._mmap = _MAPPINGS.get(self._fd, capacity) if capacity else None
+        except BaseException as e:
             os.close(self._fd)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise TierFullError(
-                    f"The memory tier at {os.path.dirname(path)} has no room for a {capacity}-byte "
-                    "staging buffer: free tmpfs space, lower memory_keep_last or set memory_budget."
-                ) from e
+            if isinstance(e, OSError) and is_full(e):
+                raise _full(path, capacity, e) from e
             raise
-        hits = _MAPPINGS.hits
-        self._mmap = _MAPPINGS.get(self._fd, capacity) if capacity else None
         self.kind = (
             "reused mapping"
             if _MAPPINGS.hits > hits
@@ -138,15 +177,43 @@ class StagingBuffer:
 
     def memory(self, offset: int, nbytes: int) -> memoryview:
         """A read-only view of mapped bytes."""
+        if not nbytes:
+            return memoryview(b"")
         assert self._mmap is not None
         return memoryview(self._mmap)[offset : offset + nbytes]
+
+    def put_bytes(self, data: memoryview | bytes) -> tuple[int, str]:
+        """Copy bytes into the mapped region; (offset, xxh3-128 of the bytes as stored)."""
+        view = memoryview(data).cast("B")
+        offset = self.alloc(view.nbytes)
+        if view.nbytes:
+            assert self._mmap is not None
+            self._mmap[offset : offset + view.nbytes] = view
+        return offset, xxhash.xxh3_128_hexdigest(self.memory(offset, view.nbytes))
+
+    def extend(self, extra: int) -> None:
+        """Allocate ``extra`` bytes past the file's end for :meth:`append` (not mapped)."""
+        if extra <= 0:
+            return
+        try:
+            os.posix_fallocate(self._fd, self.file_size, extra)
+        except OSError as e:
+            if is_full(e):
+                raise _full(self.path, extra, e) from e
+            raise
+        self.file_size += extra
 
     def append(self, data: memoryview | bytes, at: int) -> None:
         """Write bytes past the mapped region (extra items found at write time)."""
         view = memoryview(data).cast("B")
-        while view:
-            n = os.pwrite(self._fd, view, at)
-            view, at = view[n:], at + n
+        try:
+            while view:
+                n = os.pwrite(self._fd, view, at)
+                view, at = view[n:], at + n
+        except OSError as e:
+            if is_full(e):
+                raise _full(self.path, view.nbytes, e) from e
+            raise
 
     def finish(self, size: int) -> None:
         """Trim the file to ``size`` bytes; the mapping stays valid for staged views."""
@@ -165,9 +232,15 @@ class StagingBuffer:
             weakref.finalize(self._mmap, cudart.cudaHostUnregister, self._base)
 
     def close(self) -> None:
-        """Drop the file descriptor; the mapping lives while staged tensors reference it."""
+        """Drop the claim and the file descriptor; the mapping lives while staged tensors
+        reference it (it holds a duplicate of the descriptor, hence the explicit unlock)."""
+        if self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
         with contextlib.suppress(OSError):
             os.close(self._fd)
+        self._fd = -1
 
 
 class _MappingCache:
@@ -235,14 +308,52 @@ def _address(mm: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(mm))
 
 
+@contextlib.contextmanager
+def budget_lock(root: str, enabled: bool = True) -> Iterator[None]:
+    """Hold the node-wide budget lock of the memory root ``root`` (a no-op if not enabled).
+
+    Every rank of a node checks the budget and allocates under it, so their allocations
+    together never exceed the budget.
+    """
+    if not enabled:
+        yield
+        return
+    fd = os.open(os.path.join(root, _BUDGET_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _lock_exclusive(path: str) -> int | None:
+    """An O_RDWR descriptor of ``path`` under an exclusive flock, or None when the file is
+    gone or someone (a reader, another claim) holds a lock on it."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+_STAGING_NAME = re.compile(r"^([0-9a-f]{12})-r(\d+)-p\d+$")
+"""``<attempt>-r<rank>-p<pid>``: a staging buffer of one rank's part of one save attempt."""
+
+
 class StagingPool:
     """Per-namespace reserve of resident data files in the memory tier."""
 
     def __init__(self, memory: MemoryTier, namespace: str) -> None:
         self.memory = memory
         self.namespace = namespace
-        self.pool_dir = os.path.join(memory.root, namespace, _POOL_DIR)
-        self.staging_dir = os.path.join(memory.root, namespace, _STAGING_DIR)
+        self.ns_dir = os.path.join(memory.root, namespace)
+        self.pool_dir = os.path.join(self.ns_dir, _POOL_DIR)
+        self.staging_dir = os.path.join(self.ns_dir, _STAGING_DIR)
 
     def acquire(
         self,
@@ -254,38 +365,68 @@ class StagingPool:
     ) -> StagingBuffer:
         """A buffer of ``nbytes``: a pooled file if one fits, else a new file.
 
-        ``make_room(extra)`` is called after the claim and before any allocation, with the
-        bytes the buffer will add to the tier (a claimed file already counts in its usage);
-        if it raises, the claim is undone.
+        ``name`` is ``<attempt>-r<rank>``, whose lease the caller holds. ``make_room(extra)``
+        is called after the claim and before any allocation, with the bytes the buffer will
+        add to the tier (a claimed file already counts in its usage); the call and the
+        allocation run under the node's :func:`budget_lock`. If either fails, the claim is
+        undone (the file is deleted instead when the tier is full).
         """
         os.makedirs(self.staging_dir, mode=0o700, exist_ok=True)
         path = os.path.join(self.staging_dir, f"{name}-p{os.getpid()}")
-        claimed = None
-        for candidate in self._candidates(nbytes, rank):
+        with budget_lock(self.memory.root, make_room is not None):
+            fd, claimed = self._claim(nbytes, rank, path)
             try:
-                os.rename(candidate, path)  # atomic claim; another rank may win the race
-                claimed = candidate
-                break
-            except FileNotFoundError:
-                continue
-        else:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.close(fd)
-        try:
-            existing = os.path.getsize(path)
-            if existing > nbytes:
-                os.truncate(path, nbytes)  # give back what this save does not need
-                existing = nbytes
+                existing = os.fstat(fd).st_size
+                if existing > nbytes:
+                    os.ftruncate(fd, nbytes)  # give back what this save does not need
+                    existing = nbytes
+                if make_room is not None:
+                    make_room(nbytes - existing)
+            except BaseException as e:
+                os.close(fd)
+                self._undo(path, claimed, e)
+                raise
+            try:
+                return StagingBuffer(path, nbytes, fd=fd)  # closes fd if it fails
+            except BaseException as e:
+                self._undo(path, claimed, e)
+                raise
+
+    def grow(
+        self, buffer: StagingBuffer, extra: int, make_room: Callable[[int], None] | None = None
+    ) -> None:
+        """Allocate ``extra`` more bytes at the end of ``buffer``, within the budget."""
+        with budget_lock(self.memory.root, make_room is not None):
             if make_room is not None:
-                make_room(nbytes - existing)
-            return StagingBuffer(path, nbytes)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                if claimed is not None:
-                    os.rename(path, claimed)
-                else:
-                    os.remove(path)
-            raise
+                make_room(extra)
+            buffer.extend(extra)
+
+    def _claim(self, nbytes: int, rank: int, path: str) -> tuple[int, str | None]:
+        """Move a pooled file (or a new one) to ``path``; its locked descriptor and old path.
+
+        A pooled file is claimed only under an exclusive non-blocking flock: one a reader
+        holds (shared flock) is skipped, so a load never sees its bytes reused.
+        """
+        for candidate in self._candidates(nbytes, rank):
+            fd = _lock_exclusive(candidate)
+            if fd is None:
+                continue
+            try:
+                os.rename(candidate, path)  # atomic claim; another rank may have won
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            return fd, candidate
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd, None
+
+    def _undo(self, path: str, claimed: str | None, error: BaseException) -> None:
+        with contextlib.suppress(OSError):
+            if claimed is not None and not is_full(error):
+                os.rename(path, claimed)
+            else:
+                os.remove(path)
 
     def _candidates(self, nbytes: int, rank: int) -> list[str]:
         """Pooled files, best fit first: the smallest that holds ``nbytes``, then the largest.
@@ -328,20 +469,33 @@ class StagingPool:
         return True
 
     def drop(self, nbytes: int) -> int:
-        """Delete pooled files until ``nbytes`` are freed (for the budget); bytes freed."""
+        """Delete pooled files until ``nbytes`` are freed (for the budget); bytes freed.
+
+        Files a reader holds are kept: deleting them would free nothing until it is done.
+        """
         freed = 0
         for path, size in sorted(self._pooled().items(), key=lambda kv: kv[1]):
             if freed >= nbytes:
                 break
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-                freed += size
+            fd = _lock_exclusive(path)
+            if fd is None:
+                continue
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                    freed += size
+            finally:
+                os.close(fd)
         return freed
 
     def prefault_spare(
         self, nbytes: int, budget: int | None, rank: int = 0
     ) -> threading.Thread | None:
-        """In the background, add one pre-faulted file of ``nbytes`` for ``rank`` if none fits."""
+        """In the background, add one pre-faulted file of ``nbytes`` for ``rank`` if none fits.
+
+        The spare is named ``.filling-r<rank>-<token>`` while it is allocated and holds a
+        lease of the same name; the budget check and allocation run under the node lock.
+        """
         own = f"r{rank}-"
         pooled = self._pooled()
         if nbytes <= 0 or any(
@@ -349,7 +503,7 @@ class StagingPool:
         ):
             return None
         if any(
-            os.path.basename(p).startswith(f".filling-{own}") for p in self._pooled(filling=True)
+            os.path.basename(p).startswith(f"{_FILLING}{own}") for p in self._pooled(filling=True)
         ):
             return None  # one spare per rank at a time
         if budget is not None and self.memory.usage_bytes() + nbytes > budget:
@@ -357,11 +511,19 @@ class StagingPool:
 
         def fill() -> None:
             os.makedirs(self.pool_dir, mode=0o700, exist_ok=True)
-            tmp = os.path.join(self.pool_dir, f".filling-{own}{secrets.token_hex(8)}")
+            name = f"{_FILLING}{own}{secrets.token_hex(8)}"
+            tmp = os.path.join(self.pool_dir, name)
+            try:  # the lease before the file: a sweep never sees the spare unleased
+                lease = AttemptLease(self.ns_dir, name)
+            except OSError:
+                return
             try:
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o600)
                 try:
-                    os.posix_fallocate(fd, 0, nbytes)  # allocates the pages; ENOSPC, never SIGBUS
+                    with budget_lock(self.memory.root, budget is not None):
+                        if budget is not None and self.memory.usage_bytes() + nbytes > budget:
+                            raise TierFullError("no room in the budget for a spare")
+                        os.posix_fallocate(fd, 0, nbytes)  # the pages; ENOSPC, never SIGBUS
                     # Map without MAP_POPULATE (it holds the process's mmap lock for the whole
                     # buffer, stalling the training thread's own allocations) and fill the page
                     # tables through libc's madvise, a foreign call that releases the GIL.
@@ -369,30 +531,35 @@ class StagingPool:
                 finally:
                     os.close(fd)
                 os.rename(tmp, os.path.join(self.pool_dir, f"{own}{secrets.token_hex(8)}.buf"))
-            except OSError:
+            except (OSError, TierFullError):
                 with contextlib.suppress(OSError):
                     os.remove(tmp)
+            finally:
+                lease.release()
 
         thread = threading.Thread(target=fill, name="tierckpt-prefault", daemon=True)
         thread.start()
         return thread
 
     def sweep_orphans(self) -> None:
-        """Reclaim staging files of processes that died (kill -9) into the pool or delete them."""
+        """Reclaim staging files and spares whose writers are gone (their lease is not live).
+
+        Liveness is the writer's lease, never its pid (pids are reused and namespaced) nor a
+        file's age; names tierckpt does not recognise are left alone.
+        """
         with contextlib.suppress(FileNotFoundError), os.scandir(self.staging_dir) as it:
             for e in it:
-                pid = _pid_of(e.name)
-                if pid is None or _alive(pid):
+                m = _STAGING_NAME.match(e.name)
+                if m is None or is_live(self.ns_dir, lease_name(m.group(1), int(m.group(2)))):
                     continue
                 if not self.recycle(e.path, keep=4):
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(e.path)
         with contextlib.suppress(FileNotFoundError), os.scandir(self.pool_dir) as it:
             for e in it:
-                if e.name.startswith(".filling-"):
+                if e.name.startswith(_FILLING) and not is_live(self.ns_dir, e.name):
                     with contextlib.suppress(FileNotFoundError):
-                        if _stale(e.path):
-                            os.remove(e.path)
+                        os.remove(e.path)
 
 
 _RANK_OF_DATA = re.compile(r"-r(\d+)(?:\.data)?(?:-p\d+)?$")
@@ -418,22 +585,54 @@ def release_deleted_mappings() -> None:
         _MAPPINGS.prune()
 
 
-def _pid_of(name: str) -> int | None:
-    head, _, pid = name.rpartition("-p")
-    return int(pid) if head and pid.isdigit() else None
+class PrivateBuffer:
+    """A bump allocator over a process-private CPU buffer (anonymous memory; pinned for
+    CUDA sources), reused across saves.
 
+    It stages what this rank may not write itself (replicated tensors of a multi-rank job,
+    which DCP's plan gives to one rank): only the planned ones are then copied into the
+    memory tier. Give it back with :meth:`give_back` once those copies are done.
+    """
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    _free: ClassVar[list[torch.Tensor]] = []
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _KEEP: ClassVar[int] = 2
 
+    def __init__(self, nbytes: int, *, pinned: bool = False) -> None:
+        self.storage = self._take(nbytes, pinned)
+        self.capacity = nbytes
+        self.used = 0
+        self.pinned = pinned
 
-def _stale(path: str, age_s: float = 600.0) -> bool:
-    import time
+    @classmethod
+    def _take(cls, nbytes: int, pinned: bool) -> torch.Tensor:
+        with cls._lock:
+            fits = [t for t in cls._free if t.numel() >= nbytes and t.is_pinned() == pinned]
+            if fits:
+                best = min(fits, key=lambda t: t.numel())
+                cls._free.remove(best)
+                return best
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pinned)
 
-    return time.time() - os.path.getmtime(path) > age_s
+    def place(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Copy ``tensor`` in (its one copy); returns the staged CPU view."""
+        nbytes = tensor_bytes(tensor)
+        offset = self.used
+        if offset + nbytes > self.capacity:
+            raise ValueError("private staging buffer overflow")
+        self.used = align(offset + nbytes)
+        if nbytes == 0:
+            return torch.empty(tensor.shape, dtype=tensor.dtype)
+        staged = self.storage[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
+        staged.copy_(tensor, non_blocking=self.pinned and tensor.is_cuda)
+        return staged
+
+    def give_back(self) -> None:
+        """Return the memory for reuse by a later save (keeps the largest few)."""
+        storage, self.storage = self.storage, torch.empty(0, dtype=torch.uint8)
+        if storage.numel() == 0:
+            return
+        with self._lock:
+            self._free.append(storage)
+            self._free.sort(key=lambda t: t.numel(), reverse=True)
+            del self._free[self._KEEP :]

@@ -1,53 +1,97 @@
-"""Copying a state dict once into a staging buffer (DCP's ``AsyncStager`` seam)."""
+"""Copying a state dict once into staging buffers (DCP's ``AsyncStager`` seam).
+
+Shards this rank owns (DTensor / ShardedTensor local shards) go straight into the memory
+tier's staging buffer. Plain tensors of a multi-rank job are replicated for DCP: its plan
+gives each to one rank, so they are staged into a process-private buffer and only the
+planned ones are copied into the memory tier at write time. One copy blocks the caller.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.distributed._state_dict_utils import _iterate_state_dict
 from torch.distributed.tensor import DTensor
 
-from ..staging import StagingBuffer, align, tensor_bytes
+from ..staging import PrivateBuffer, StagingBuffer, align, tensor_bytes
 
-__all__ = ["stage_into", "staged_size"]
+__all__ = ["StageSizes", "stage_into", "staged_sizes"]
 
 
-def _local_tensors(state_dict: dict[str, Any]) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
+@dataclass(frozen=True)
+class StageSizes:
+    """What staging a state dict needs."""
+
+    shared: int
+    """Bytes of the memory-tier staging buffer (tensors this rank writes)."""
+    shared_count: int
+    """How many tensors go there (zero: no memory-tier buffer is needed)."""
+    private: int
+    """Bytes of the process-private buffer (replicated tensors)."""
+    cuda: bool
+    """Whether any source tensor is on a GPU (pinned buffers, asynchronous copies)."""
+
+
+def _local_tensors(state_dict: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(local shards of DTensors / ShardedTensors, plain tensors)."""
+    shards: list[torch.Tensor] = []
+    plain: list[torch.Tensor] = []
 
     def on_tensor(obj: torch.Tensor, *_: Any) -> torch.Tensor:
-        found.append(obj)
+        plain.append(obj)
         return obj
 
     def on_dtensor(obj: DTensor, *_: Any) -> DTensor:
-        found.append(obj._local_tensor)
+        shards.append(obj._local_tensor)
         return obj
 
     def on_sharded(obj: Any, *_: Any) -> Any:
-        found.extend(s.tensor for s in obj.local_shards())
+        shards.extend(s.tensor for s in obj.local_shards())
         return obj
 
     _iterate_state_dict(state_dict, on_sharded, on_dtensor, on_tensor, type_check=False)
-    return found
+    return shards, plain
 
 
-def staged_size(state_dict: dict[str, Any]) -> int:
-    """Bytes a staging buffer needs for every local tensor of ``state_dict``."""
-    return sum(align(tensor_bytes(t)) for t in _local_tensors(state_dict))
+def _size(tensors: list[torch.Tensor]) -> int:
+    return sum(align(tensor_bytes(t)) for t in tensors)
 
 
-def stage_into(state_dict: dict[str, Any], buffer: StagingBuffer) -> dict[str, Any]:
-    """A copy of ``state_dict`` whose tensors live in ``buffer`` (one copy each).
+def staged_sizes(state_dict: dict[str, Any], *, replicated_private: bool) -> StageSizes:
+    """Buffer sizes for ``state_dict``; plain tensors go private when ``replicated_private``."""
+    shards, plain = _local_tensors(state_dict)
+    shared = shards if replicated_private else shards + plain
+    private = plain if replicated_private else []
+    return StageSizes(
+        shared=_size(shared),
+        shared_count=len(shared),
+        private=_size(private),
+        cuda=any(t.is_cuda for t in shards + plain),
+    )
 
-    Non-tensor values are kept by reference, as DCP's default stager does.
+
+def stage_into(
+    state_dict: dict[str, Any],
+    buffer: StagingBuffer | None,
+    private: PrivateBuffer | None = None,
+) -> dict[str, Any]:
+    """A copy of ``state_dict`` whose tensors live in the buffers (one copy each).
+
+    Plain tensors go to ``private`` when given, else to ``buffer``; shards go to
+    ``buffer``. Non-tensor values are kept by reference, as DCP's default stager does.
     """
 
+    def shared(tensor: torch.Tensor) -> torch.Tensor:
+        assert buffer is not None, "a staging buffer is needed for this state dict"
+        return buffer.place(tensor.detach())
+
     def on_tensor(obj: torch.Tensor, *_: Any) -> torch.Tensor:
-        return buffer.place(obj.detach())
+        return private.place(obj.detach()) if private is not None else shared(obj)
 
     def on_dtensor(obj: DTensor, *_: Any) -> DTensor:
-        local = buffer.place(obj._local_tensor.detach())
+        local = shared(obj._local_tensor)
         return DTensor.from_local(
             local,
             obj.device_mesh,
@@ -64,15 +108,17 @@ def stage_into(state_dict: dict[str, Any], buffer: StagingBuffer) -> dict[str, A
         shards = []
         for shard in obj.local_shards():
             new = copy.copy(shard)
-            new.tensor = buffer.place(shard.tensor.detach())
+            new.tensor = shared(shard.tensor)
             shards.append(new)
         ret._local_shards = shards
         return ret
 
-    if not any(t.is_cuda for t in _local_tensors(state_dict)):
+    shards, plain = _local_tensors(state_dict)
+    if not any(t.is_cuda for t in shards + plain):
         return _iterate_state_dict(state_dict, on_sharded, on_dtensor, on_tensor, type_check=False)
-    # GPU tensors: pinned buffer, copies queued on a side stream, one sync at the end.
-    buffer.pin()
+    # GPU tensors: pinned buffers, copies queued on a side stream, one sync at the end.
+    if buffer is not None:
+        buffer.pin()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import mmap
 import os
 import pickle
 import threading
@@ -37,6 +36,9 @@ from ..tiers.memory import MemoryTier
 __all__ = ["TieredStorageReader"]
 
 _Choice = tuple[int, str]  # (step, attempt)
+_Fetched = tuple[Buffer | None, int, str]
+"""A blob as read from a tier: its bytes (None when read straight into its target), their
+length and the xxh3-128 of exactly those bytes."""
 
 
 class TieredStorageReader(StorageReader):
@@ -272,8 +274,10 @@ class TieredStorageReader(StorageReader):
     ) -> list[tuple[ReadItem, Buffer | None]]:
         """Read every blob of one file: memory first, then each tier for what is still missing.
 
-        Every blob is checked against its xxh3-128 checksum; a blob that fails in one tier is
-        read from the next, and one that fails everywhere raises: wrong bytes are never loaded.
+        Every blob is copied out of its tier first and the copy is checked against its
+        xxh3-128 checksum (so what is verified is what is delivered); a blob that fails in
+        one tier is read from the next, and one that fails everywhere raises: wrong bytes
+        are never loaded.
         """
         fname, items = entry
         assert self.step is not None
@@ -281,23 +285,25 @@ class TieredStorageReader(StorageReader):
         pending = sorted(items, key=lambda i: self._blob(i).offset)
         got: dict[int, Buffer | None] = {}
         reasons: dict[int, list[str]] = defaultdict(list)
-        pending = self._read_direct(key, pending, direct, got, reasons)
         for tier in self.tiers:
             if not pending:
                 break
-            fetched = self._fetch(tier, key, [self._blob(i) for i in pending])
+            if tier is self.memory:
+                fetched = self._read_memory(key, pending, direct)
+            else:
+                fetched = self._fetch(tier, key, [self._blob(i) for i in pending])
             still: list[ReadItem] = []
             corrupt = 0
-            for item, buf in zip(pending, fetched, strict=True):
+            for item, res in zip(pending, fetched, strict=True):
                 blob = self._blob(item)
-                if isinstance(buf, Exception):
-                    reasons[id(item)].append(f"{tier.name}: {type(buf).__name__}: {buf}")
-                    corrupt += not isinstance(buf, KeyNotFoundError)
-                elif len(buf) != blob.length or checksum(buf) != blob.checksum:
+                if isinstance(res, Exception):
+                    reasons[id(item)].append(f"{tier.name}: {type(res).__name__}: {res}")
+                    corrupt += not isinstance(res, KeyNotFoundError)
+                elif res[1] != blob.length or res[2] != blob.checksum:
                     reasons[id(item)].append(f"{tier.name}: checksum mismatch")
                     corrupt += 1
                 else:
-                    got[id(item)] = buf
+                    got[id(item)] = res[0]
                     self._count(tier, blob.length)
                     continue
                 still.append(item)
@@ -325,53 +331,50 @@ class TieredStorageReader(StorageReader):
             )
         return [(item, got[id(item)]) for item in items]
 
-    def _read_direct(
-        self,
-        key: str,
-        items: list[ReadItem],
-        direct: dict[int, torch.Tensor],
-        got: dict[int, Buffer | None],
-        reasons: dict[int, list[str]],
-    ) -> list[ReadItem]:
-        """Memory tier, one copy: read blobs straight into their targets, hashing as it goes.
+    def _read_memory(
+        self, key: str, items: list[ReadItem], direct: dict[int, torch.Tensor]
+    ) -> list[_Fetched | Exception]:
+        """Memory tier: copy each blob out (straight into its target when it maps byte for
+        byte, else into a private buffer) and hash the copy, under a shared flock.
 
-        A blob that fails its checksum leaves its target to be overwritten by the next tier's
+        The lock keeps the staging pool from reusing the file while it is read. A direct
+        blob that fails its checksum leaves its target to be overwritten by the next tier's
         verified bytes (or the load raises): wrong bytes are never returned.
         """
-        rest = []
-        for item in items:
-            target = direct.get(id(item))
-            if target is None:
-                rest.append(item)
-                continue
-            blob = self._blob(item)
-            raw: Any = target.reshape(-1).view(torch.uint8).numpy()
-            try:
-                digest = self.memory.read_into(key, blob.offset, memoryview(raw))
-            except Exception as e:
-                reasons[id(item)].append(f"memory: {type(e).__name__}: {e}")
-                digest = None
-            if digest == blob.checksum:
-                got[id(item)] = None
-                self._count(self.memory, blob.length)
-            else:
-                if digest is not None:
-                    reasons[id(item)].append("memory: checksum mismatch")
-                rest.append(item)
-        return rest
+        try:
+            handle = self.memory.open_shared(key)
+        except Exception as e:
+            return [e] * len(items)
+        out: list[_Fetched | Exception] = []
+        with handle:
+            for item in items:
+                blob = self._blob(item)
+                target = direct.get(id(item))
+                try:
+                    if target is not None:
+                        raw: Any = target.reshape(-1).view(torch.uint8).numpy()
+                        digest = handle.read_into(blob.offset, memoryview(raw))
+                        out.append((None, blob.length, digest))
+                    else:
+                        buf, digest = handle.read(blob.offset, blob.length)
+                        out.append((buf, len(buf), digest))
+                except Exception as e:
+                    out.append(e)
+        return out
 
-    def _fetch(self, tier: Tier, key: str, blobs: list[BlobInfo]) -> list[Buffer | Exception]:
-        """Bytes of each blob from one tier (an exception in place of a blob that failed)."""
-        if tier is self.memory:
-            mapped = _Mapping(self.memory, key)
-            return [_attempt(mapped.view, b.offset, b.length) for b in blobs]
+    def _fetch(self, tier: Tier, key: str, blobs: list[BlobInfo]) -> list[_Fetched | Exception]:
+        """Bytes of each blob from a tier other than memory (an exception for a failed one)."""
         read_ranges = getattr(tier, "read_ranges", None)
         if read_ranges is not None:  # object stores: parallel ranged GETs, near ranges coalesced
             try:
-                return list(read_ranges(key, [(b.offset, b.length) for b in blobs]))
+                bufs: list[Buffer | Exception] = list(
+                    read_ranges(key, [(b.offset, b.length) for b in blobs])
+                )
             except Exception as e:
-                return [e] * len(blobs)
-        return [_attempt(tier.read, key, b.offset, b.length) for b in blobs]
+                bufs = [e] * len(blobs)
+        else:
+            bufs = [_attempt(tier.read, key, b.offset, b.length) for b in blobs]
+        return [b if isinstance(b, Exception) else (b, len(b), checksum(b)) for b in bufs]
 
     def _apply(
         self, item: ReadItem, buf: Buffer, planner: LoadPlanner, target: torch.Tensor | None
@@ -388,7 +391,7 @@ class TieredStorageReader(StorageReader):
         if blob.length == 0:
             tensor = torch.empty(blob.shape, dtype=dtype)
         else:
-            with warnings.catch_warnings():  # mmap'd views are read-only; we only read them
+            with warnings.catch_warnings():  # some tiers return read-only bytes; we only read them
                 warnings.simplefilter("ignore")
                 tensor = torch.frombuffer(buf, dtype=dtype).reshape(blob.shape)
         tensor = narrow_tensor_by_index(tensor, item.storage_offsets, item.lengths)
@@ -401,25 +404,6 @@ class TieredStorageReader(StorageReader):
             )
         target.copy_(tensor)
         planner.commit_tensor(item, target)
-
-
-class _Mapping:
-    """A lazily opened read-only mapping of one memory-tier file: loads copy bytes once."""
-
-    def __init__(self, memory: MemoryTier, key: str) -> None:
-        self.memory, self.key = memory, key
-        self._mm: mmap.mmap | None = None
-        self._opened = False
-
-    def view(self, offset: int, length: int) -> memoryview:
-        if not self._opened:
-            self._opened = True
-            self._mm = self.memory.mapped(self.key)
-        if length == 0:
-            return memoryview(b"")
-        if self._mm is None or offset + length > len(self._mm):
-            raise KeyNotFoundError(f"{self.key} in the memory tier is shorter than expected")
-        return memoryview(self._mm)[offset : offset + length]
 
 
 def _attempt(fn: Callable[..., Buffer], *args: Any) -> Buffer | Exception:

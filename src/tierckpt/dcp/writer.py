@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -30,11 +31,11 @@ from ..leases import AttemptLease, lease_name
 from ..manifest import BlobInfo, CommitRecord, RankEntry, RankManifest, checksum
 from ..resume import resume_pending_once
 from ..retention import make_room, sweep
-from ..staging import StagingBuffer, StagingPool, align, tensor_bytes
+from ..staging import PrivateBuffer, StagingBuffer, StagingPool, align, is_full, tensor_bytes
 from ..tiers.directory import remove_quietly
 from ..tiers.durable import open_durable_tier
 from ..tiers.memory import MemoryTier
-from ._stage import stage_into, staged_size
+from ._stage import stage_into, staged_sizes
 
 __all__ = ["TieredStorageWriter"]
 
@@ -105,6 +106,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         self._rank_attempts: dict[int, str] = {}
         self._upload: Future[int] | None = None
         self._staging: StagingBuffer | None = None
+        self._private: PrivateBuffer | None = None
         if not self.save_to_durable:
             self.durable_done.set_result(None)
         self.memory = MemoryTier(config.memory_root or "")
@@ -119,6 +121,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         state["_upload"] = None
         state["durable"] = None  # reopened on the other side; clients may not pickle
         state["_staging"] = None  # staged tensors travel with the state dict
+        state["_private"] = None
         state["_lease"] = None  # the lease stays with (and dies with) this process
         if self.save_to_durable and not self._watching and self.step is not None:
             self._watching = True
@@ -245,25 +248,35 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
     _synchronize_after_execute = False
 
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Copy every tensor once, into this rank's staging buffer in the memory tier."""
+        """Copy every tensor once: the shards this rank writes into its staging buffer in the
+        memory tier; replicated tensors of a multi-rank job into a private, reused buffer
+        (DCP's plan gives each to one rank, and only that rank copies it into the tier)."""
         t0 = time.perf_counter()
         rank = self._rank_guess()
-        nbytes = staged_size(state_dict)
+        sizes = staged_sizes(state_dict, replicated_private=self.config.world_size > 1)
         self._begin_attempt(rank)
         self._staged_attempt = True
-        buffer = self._acquire(nbytes, rank)
+        buffer = self._acquire(sizes.shared, rank) if sizes.shared_count else None
+        private = None
         try:
-            staged = stage_into(state_dict, buffer)
-        except BaseException:
-            self._release(buffer)
+            if sizes.private:
+                private = PrivateBuffer(sizes.private, pinned=sizes.cuda)
+            staged = stage_into(state_dict, buffer, private)
+        except BaseException as e:
+            if buffer is not None:
+                self._release(buffer, discard=is_full(e))
+            if private is not None:
+                private.give_back()
             raise
-        self._staging = buffer
+        self._staging, self._private = buffer, private
         crash_point("save.after_stage")
+        kind = buffer.kind if buffer is not None else "no shard of its own"
         logger_for(self.config).info(
             step_message(
                 rank,
                 self.step,
-                f"Staged into the memory tier ({buffer.kind}): {rate(nbytes, time.perf_counter() - t0)}",
+                f"Staged into the memory tier ({kind}; {sizes.private} replicated bytes "
+                f"privately): {rate(sizes.shared + sizes.private, time.perf_counter() - t0)}",
             )
         )
         return staged
@@ -276,18 +289,27 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
 
     def _acquire(self, nbytes: int, rank: int) -> StagingBuffer:
         """Claim a staging buffer (a pooled file when one fits) within the memory budget."""
-        catalog = StepCatalog(self.memory, self.config.namespace, logger_for(self.config))
-        budget = self.config.memory_budget_bytes
         return StagingPool(self.memory, self.config.namespace).acquire(
-            nbytes,
-            name=f"{self.attempt}-r{rank}",
-            make_room=lambda extra: make_room(catalog, extra, budget, catalog.log),
-            rank=rank,
+            nbytes, name=lease_name(self.attempt, rank), make_room=self._room(), rank=rank
         )
 
-    def _release(self, buffer: StagingBuffer) -> None:
+    def _grow(self, buffer: StagingBuffer, extra: int) -> None:
+        """Allocate room past a staged buffer for items staged privately or found at write."""
+        StagingPool(self.memory, self.config.namespace).grow(buffer, extra, self._room())
+
+    def _room(self) -> Callable[[int], None] | None:
+        """The budget check of this save's allocations (None without a memory budget)."""
+        budget = self.config.memory_budget_bytes
+        if budget is None:
+            return None
+        catalog = StepCatalog(self.memory, self.config.namespace, logger_for(self.config))
+        return lambda extra: make_room(catalog, extra, budget, catalog.log)
+
+    def _release(self, buffer: StagingBuffer, *, discard: bool = False) -> None:
+        """Give up a buffer: back to the pool, or deleted when ``discard`` (a full tier)."""
         buffer.close()
-        if not StagingPool(self.memory, self.config.namespace).recycle(buffer.path, keep=1):
+        pool = StagingPool(self.memory, self.config.namespace)
+        if discard or not pool.recycle(buffer.path, keep=1):
             remove_quietly(buffer.path)
 
     def write_data(
@@ -317,16 +339,20 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             self._install_commit(catalog, *glob.install)
         committed_before = sweep(catalog, self.config.memory_keep_last, log)
         resolved = [(item, planner.resolve_data(item)) for item in plan.items]
-        buffer = self._staging
-        self._staging = None
-        if buffer is None and resolved:
-            need = sum(align(tensor_bytes(d)) for _, d in resolved if isinstance(d, torch.Tensor))
-            buffer = self._acquire(need, rank)
+        buffer, private = self._staging, self._private
+        self._staging = self._private = None
         fname = layout.data_name(attempt, rank)
         blobs: list[list[Any]] = []
         infos: list[tuple[Any, BlobInfo]] = []
         size = 0
         try:
+            # Room for what is not staged in the buffer: planned items staged privately,
+            # unstaged tensors (dcp.save) and byte items. Only planned items are stored.
+            extra = self._unstaged_bytes(resolved, buffer)
+            if buffer is None and resolved:
+                buffer = self._acquire(extra, rank)
+            elif buffer is not None and extra:
+                self._grow(buffer, extra)
             if buffer is not None:
                 tail = buffer.capacity
                 for item, data in resolved:
@@ -335,10 +361,13 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
                     blobs.append([info.offset, info.length, info.checksum])
                 size = tail if tail > buffer.capacity else buffer.used
                 buffer.finish(size)
-        except BaseException:
+        except BaseException as e:
             if buffer is not None:
-                self._release(buffer)
+                self._release(buffer, discard=is_full(e))
             raise
+        finally:
+            if private is not None:
+                private.give_back()  # its planned tensors are copied into the buffer
         manifest = RankManifest(rank=rank, attempt=attempt, step=step, durable=self._durable)
         if buffer is not None:
             buffer.close()
@@ -397,17 +426,32 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         catalog.write_commit(record)
 
     @staticmethod
+    def _unstaged_bytes(resolved: list[tuple[Any, Any]], buffer: StagingBuffer | None) -> int:
+        """Bytes (aligned) of the items that are not staged in ``buffer``."""
+        total = 0
+        for item, data in resolved:
+            if item.type == WriteItemType.BYTE_IO:
+                total += align(data.getbuffer().nbytes)
+            elif buffer is None or buffer.offset_of(data.detach()) is None:
+                total += align(tensor_bytes(data))
+        return total
+
+    @staticmethod
     def _place(
         item_type: WriteItemType, data: Any, buffer: StagingBuffer, fname: str, tail: int
     ) -> tuple[BlobInfo, int]:
         """Record one item's blob; returns it and the new tail.
 
-        Staged tensors are recorded in place; other tensors are copied into the mapped
-        region while it has room; anything else is appended at ``tail`` (past the region).
+        Staged tensors are recorded in place; other tensors and byte items are copied into
+        the mapped region while it has room; anything else is appended at ``tail`` (past the
+        region, into room the buffer was grown by).
         """
         if item_type == WriteItemType.BYTE_IO:
             assert isinstance(data, io.BytesIO)
             view = data.getbuffer()
+            if view.nbytes and buffer.used + view.nbytes <= buffer.capacity:
+                at, digest = buffer.put_bytes(view)
+                return BlobInfo(fname, at, view.nbytes, digest), tail
             buffer.append(view, tail)
             return BlobInfo(fname, tail, view.nbytes, checksum(view)), tail + view.nbytes
         tensor = _tensor_of(data)
