@@ -102,10 +102,10 @@ def test_seed_aliases_s3_tier_base_path_and_save_to_s3_are_accepted():
 # --------------------------------------------------------------------------- memory root / budget
 
 
-def test_memory_root_defaults_to_dev_shm_tierckpt(monkeypatch):
+def test_memory_root_defaults_to_dev_shm_tierckpt_of_this_user(monkeypatch):
     monkeypatch.delenv("TIERCKPT_MEMORY_ROOT", raising=False)
     cfg = CheckpointConfig(namespace="run-1", world_size=1)
-    assert cfg.memory_root == "/dev/shm/tierckpt"
+    assert cfg.memory_root == f"/dev/shm/tierckpt-{os.geteuid()}"
 
 
 def test_tierckpt_memory_root_env_overrides_the_default(monkeypatch, tmp_path):

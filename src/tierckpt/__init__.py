@@ -14,6 +14,7 @@ from .errors import (
     MemoryBudgetError,
     TierckptError,
     TierFullError,
+    UnsafeMemoryRootError,
 )
 from .resume import resume_pending
 
@@ -30,6 +31,7 @@ __all__ = [
     "TieredStorageReader",
     "TieredStorageWriter",
     "TierckptError",
+    "UnsafeMemoryRootError",
     "resume_pending",
     "wait_for_drains",
 ]

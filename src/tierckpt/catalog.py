@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 from . import layout
 from .errors import IntegrityError
-from .manifest import CommitRecord
-from .tiers.base import KeyNotFoundError, Tier
+from .manifest import CommitRecord, RankEntry, RankManifest, checksum
+from .tiers.base import Buffer, KeyNotFoundError, Tier
 
-__all__ = ["StepCatalog", "StepSource"]
+__all__ = ["StepCatalog", "StepSource", "verified"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +86,41 @@ class StepCatalog:
             for name, size in record.files().items()
             if name not in have or (size >= 0 and have[name] != size)
         ]
+
+    def read_metadata(self, record: CommitRecord) -> Buffer:
+        """The step's DCP metadata bytes, verified against the commit (:func:`verified`)."""
+        key = self.key(record.step, record.metadata)
+        return verified(self.tier.read(key), record.metadata_checksum, f"{self.tier.url}/{key}")
+
+    def read_manifest(self, record: CommitRecord, entry: RankEntry) -> RankManifest:
+        """One rank's manifest, verified against the commit before it is parsed."""
+        key = self.key(record.step, entry.manifest)
+        where = f"{self.tier.url}/{key}"
+        data = verified(self.tier.read(key), entry.manifest_checksum, where)
+        manifest = RankManifest.from_json(data, where=where)
+        if (manifest.rank, manifest.attempt, manifest.step) != (
+            entry.rank,
+            entry.attempt,
+            record.step,
+        ):
+            raise IntegrityError(f"{where} belongs to another rank, attempt or step.")
+        return manifest
+
+
+def verified(data: Buffer, expected: str, where: str) -> Buffer:
+    """``data`` if its xxh3-128 is ``expected`` (from a commit record); else IntegrityError.
+
+    A commit that records no checksum (written before tierckpt recorded them) vouches for
+    nothing: its files are not trusted, and so never parsed or unpickled.
+    """
+    if not expected:
+        raise IntegrityError(
+            f"{where}: its commit records no checksum for it, so it is not trusted (nothing is "
+            "unpickled unverified). Re-save the step with this tierckpt or load another step."
+        )
+    if checksum(data) != expected:
+        raise IntegrityError(
+            f"{where} does not match the checksum its commit records: it was changed or damaged "
+            "after the commit. It is not used; load the step from another tier or another step."
+        )
+    return data

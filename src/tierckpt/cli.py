@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from . import __version__
 from .catalog import StepCatalog
 from .config import CheckpointConfig
-from .errors import TierckptError
-from .manifest import RankManifest, checksum
+from .errors import IntegrityError, TierckptError
+from .manifest import checksum
 from .resume import resume_pending
 from .retention import drain_pending
 from .tiers.base import Tier
 from .tiers.durable import open_durable_tier
-from .tiers.memory import MemoryTier
+from .tiers.memory import MemoryTier, open_memory_tier
 
 __all__ = ["main"]
 
@@ -33,7 +33,8 @@ def _config(args: argparse.Namespace) -> CheckpointConfig:
 
 
 def _tiers(cfg: CheckpointConfig) -> list[Tier]:
-    return [MemoryTier(cfg.memory_root or ""), open_durable_tier(cfg)]
+    """Both tiers, opened read-only: nothing is created, an untrusted memory root refused."""
+    return [open_memory_tier(cfg), open_durable_tier(cfg, create=False)]
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -78,8 +79,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for part in record.ranks:
             if part.manifest in missing:
                 continue
-            key = cat.key(args.step, part.manifest)
-            manifest = RankManifest.from_json(tier.read(key), where=f"{tier.url}/{key}")
+            try:
+                manifest = cat.read_manifest(record, part)
+            except IntegrityError as e:
+                bad += 1
+                print(f"{tier.name:8} step {args.step}: MANIFEST NOT TRUSTED: {e}")
+                continue
             for name, entry in manifest.files.items():
                 if name in missing:
                     continue
@@ -107,7 +112,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_clear_memory(args: argparse.Namespace) -> int:
     """Free this namespace's memory tier (steps, staging buffers and the buffer pool)."""
     cfg = _config(args)
-    tier = MemoryTier(cfg.memory_root or "")
+    tier = open_memory_tier(cfg)
     tier.delete_prefix(cfg.namespace)
     print(f"removed {tier.root}/{cfg.namespace}")
     return 0
@@ -133,7 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     def with_location(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--namespace", "-n", required=True, help="the job's namespace")
         sp.add_argument(
-            "--memory-root", default=None, help="default $TIERCKPT_MEMORY_ROOT or /dev/shm/tierckpt"
+            "--memory-root",
+            default=None,
+            help="default $TIERCKPT_MEMORY_ROOT or /dev/shm/tierckpt-<uid>",
         )
         sp.add_argument(
             "--durable",

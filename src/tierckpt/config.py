@@ -18,11 +18,12 @@ __all__ = [
     "resolve_durable_url",
 ]
 
-DEFAULT_MEMORY_ROOT = "/dev/shm/tierckpt"
+DEFAULT_MEMORY_ROOT = f"/dev/shm/tierckpt-{os.geteuid()}"
+"""Per user: another user cannot pre-create (and so own) this user's memory root."""
 MEMORY_ROOT_ENV = "TIERCKPT_MEMORY_ROOT"
 DEFAULT_DURABLE_DIR = "checkpoints"
 DURABLE_SCHEMES = ("file://", "s3://")
-_NAMESPACE = re.compile(r"^[A-Za-z0-9_-]+$")
+_NAMESPACE = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch: "$" would accept a final "\n"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {
     "b": 1,
@@ -120,7 +121,10 @@ class CheckpointConfig:
     durable_base_path: str | None = None
     """``file:///dir`` or ``s3://bucket/prefix``; default ``./checkpoints``."""
     memory_root: str | None = None
-    """Node-local tmpfs directory; default ``$TIERCKPT_MEMORY_ROOT`` or ``/dev/shm/tierckpt``."""
+    """Node-local tmpfs directory; default ``$TIERCKPT_MEMORY_ROOT`` or ``/dev/shm/tierckpt-<uid>``.
+
+    It must be this user's own directory, not a symlink, not writable by group or others
+    (a missing one is created with mode 0700); anything else raises :class:`~tierckpt.errors.UnsafeMemoryRootError`."""
     save_to_durable: bool = False
     """Default for writers: also drain each saved step to the durable tier."""
     memory_budget: int | str | None = None
@@ -171,7 +175,7 @@ class CheckpointConfig:
             self.save_to_durable = bool(save_to_s3)
         if not isinstance(self.namespace, str) or not self.namespace:
             raise ConfigError("Namespace cannot be empty: set namespace to a unique job id.")
-        if not _NAMESPACE.match(self.namespace):
+        if not _NAMESPACE.fullmatch(self.namespace):
             raise ConfigError(
                 f"Invalid namespace {self.namespace!r}: allowed characters are letters, digits, "
                 "hyphens and underscores."

@@ -12,6 +12,7 @@ __all__ = [
     "MemoryBudgetError",
     "TierFullError",
     "TierckptError",
+    "UnsafeMemoryRootError",
 ]
 
 
@@ -21,6 +22,11 @@ class TierckptError(Exception):
 
 class ConfigError(TierckptError, ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
+
+
+class UnsafeMemoryRootError(ConfigError):
+    """The memory root (or a namespace directory in it) is a symlink, owned by another user,
+    or writable by group/others: another local user could read, swap or plant its files."""
 
 
 class InvalidStepError(ConfigError):

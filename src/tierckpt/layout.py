@@ -24,6 +24,7 @@ __all__ = [
     "manifest_name",
     "metadata_name",
     "new_attempt_id",
+    "no_step_error",
     "parse_step",
     "parse_step_dir",
     "step_dir",
@@ -90,6 +91,14 @@ def parse_step(value: object) -> int:
     if value < 0:
         raise InvalidStepError(f"Invalid step value {value}: steps must be >= 0.")
     return value
+
+
+def no_step_error(path: object) -> InvalidStepError:
+    """The seed's "Invalid step value" error for a save that names no step."""
+    return InvalidStepError(
+        f"Invalid step value: no step given (path={path!r}). Pass step=<int>, or a "
+        "path / checkpoint_id containing 'step_<N>' (e.g. 'step_100/checkpoint')."
+    )
 
 
 def step_from_path(path: object) -> int | None:

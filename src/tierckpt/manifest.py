@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -12,7 +13,15 @@ import xxhash
 from .errors import IntegrityError
 from .tiers.base import Buffer
 
-__all__ = ["FORMAT_VERSION", "BlobInfo", "CommitRecord", "RankEntry", "RankManifest", "checksum"]
+__all__ = [
+    "FORMAT_VERSION",
+    "BlobInfo",
+    "CommitRecord",
+    "RankEntry",
+    "RankManifest",
+    "checksum",
+    "rank_manifest",
+]
 
 FORMAT_VERSION = 2
 """Version 2 added generations and the checksums of the metadata and every manifest."""
@@ -58,6 +67,28 @@ class RankManifest:
             return cls(**obj)
         except TypeError as e:
             raise IntegrityError(f"{where} is not a tierckpt rank manifest ({e}).") from e
+
+
+def rank_manifest(
+    rank: int,
+    attempt: str,
+    step: int,
+    durable: bool,
+    data_file: str | None,
+    size: int,
+    blobs: Iterable[tuple[int, int, str]],
+) -> RankManifest:
+    """The manifest of one rank's part, the same whoever builds it.
+
+    The rank writes it; the coordinator rebuilds it from the ranks' write results to record
+    its checksum in the commit. Blobs are ``(offset, length, checksum)``, kept sorted, and a
+    rank that wrote no items (``data_file`` None) has no files.
+    """
+    manifest = RankManifest(rank=rank, attempt=attempt, step=step, durable=durable)
+    if data_file is not None:
+        ordered = sorted((int(o), int(n), str(c)) for o, n, c in blobs)
+        manifest.files[data_file] = {"size": size, "blobs": [list(b) for b in ordered]}
+    return manifest
 
 
 @dataclass

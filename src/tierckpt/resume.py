@@ -16,11 +16,11 @@ from .catalog import StepCatalog
 from .config import CheckpointConfig
 from .drain import commit_durable, in_flight, run_in_background, upload_rank_part
 from .durable_retention import sweep_durable
-from .manifest import CommitRecord, RankManifest
+from .manifest import CommitRecord
 from .retention import drain_pending
 from .tiers.base import Tier
 from .tiers.durable import open_durable_tier
-from .tiers.memory import MemoryTier
+from .tiers.memory import MemoryTier, open_memory_tier
 
 __all__ = ["resume_pending", "resume_pending_once"]
 
@@ -38,8 +38,8 @@ def resume_pending(config: CheckpointConfig, *, rank: int | None = None) -> Futu
     """
     if rank is None and dist.is_available() and dist.is_initialized():
         rank = dist.get_rank()
-    memory = MemoryTier(config.memory_root or "")
-    durable = open_durable_tier(config)
+    memory = open_memory_tier(config)
+    durable = open_durable_tier(config, create=False)  # uploads create what they write
     log = logger_for(config)
     return run_in_background(
         lambda: _resume(config, memory, durable, rank, log),
@@ -111,6 +111,5 @@ def _upload_parts(
             continue
         if part.manifest not in listing:
             continue  # that rank's files live on another node; its own process resumes them
-        key = mem.key(record.step, part.manifest)
-        manifest = RankManifest.from_json(memory.read(key), where=f"{memory.url}/{key}")
+        manifest = mem.read_manifest(record, part)  # verified against the commit first
         upload_rank_part(memory, durable, config.namespace, manifest, log)

@@ -19,6 +19,7 @@ import logging
 import os
 from typing import Any
 
+from .. import layout
 from ..config import CheckpointConfig
 from ..dcp.reader import TieredStorageReader
 from ..dcp.writer import TieredStorageWriter
@@ -80,8 +81,9 @@ class SageMakerCheckpointConfig(CheckpointConfig):
 class SageMakerTieredStorageWriter(TieredStorageWriter):
     """``SageMakerTieredStorageWriter(checkpoint_config, path=None, step=None)``.
 
-    The step comes from ``step``, else from ``step_<N>`` in ``path`` or DCP's
-    ``checkpoint_id``; ``checkpoint_config.save_to_s3`` is read when the writer is built.
+    The step comes from ``step``, else from ``step_<N>`` in ``path``; with neither, the
+    seed's "Invalid step value" (:class:`InvalidStepError`) is raised here, as the seed does.
+    ``checkpoint_config.save_to_s3`` is read when the writer is built.
     """
 
     def __init__(
@@ -91,6 +93,8 @@ class SageMakerTieredStorageWriter(TieredStorageWriter):
         step: int | None = None,
         **kwargs: Any,
     ) -> None:
+        if step is None and layout.step_from_path(path) is None:
+            raise layout.no_step_error(path)
         super().__init__(checkpoint_config, step=step, path=path, **kwargs)
 
 

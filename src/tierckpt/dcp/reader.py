@@ -31,7 +31,7 @@ from ..manifest import BlobInfo, checksum
 from ..resume import resume_pending_once
 from ..tiers.base import Buffer, KeyNotFoundError, Tier
 from ..tiers.durable import open_durable_tier
-from ..tiers.memory import MemoryTier
+from ..tiers.memory import open_memory_tier
 
 __all__ = ["TieredStorageReader"]
 
@@ -68,8 +68,8 @@ class TieredStorageReader(StorageReader):
         self.bytes_read_by_tier: dict[str, int] = {"memory": 0, "durable": 0}
         self.rank = dist.get_rank() if _dist_ready() else 0
         self.log = logger_for(config)
-        self.memory = MemoryTier(config.memory_root or "")
-        self.durable = open_durable_tier(config)
+        self.memory = open_memory_tier(config)  # refuses an untrusted root; creates nothing
+        self.durable = open_durable_tier(config, create=False)
         self.tiers: list[Tier] = [self.memory, self.durable]
         resume_pending_once(config)
         self._metadata: Metadata | None = None
@@ -161,19 +161,27 @@ class TieredStorageReader(StorageReader):
         )
 
     def _read_metadata(self, source: StepSource) -> Metadata:
+        """The step's DCP metadata; each copy is unpickled only once its checksum matches."""
         record = source.record
-        key = layout.step_key(self.config.namespace, record.step, record.metadata)
         last: Exception | None = None
         for tier in [source.tier, *[t for t in self.tiers if t is not source.tier]]:
             try:
-                metadata = pickle.loads(tier.read(key))
+                data = StepCatalog(tier, self.config.namespace, self.log).read_metadata(record)
+            except Exception as e:  # missing, unreachable, or not the bytes the commit vouches for
+                if isinstance(e, IntegrityError):
+                    self.log.warning(step_message(self.rank, record.step, str(e)))
+                last = e
+                continue
+            try:
+                metadata = pickle.loads(data)
             except Exception as e:
                 last = e
                 continue
             if isinstance(metadata, Metadata):
                 return metadata
         raise IntegrityError(
-            f"Step {record.step}: DCP metadata {record.metadata} is unreadable in every tier ({last})."
+            f"Step {record.step}: no copy of its DCP metadata {record.metadata} is readable and "
+            f"matches its commit's checksum ({last})."
         )
 
     # -- StorageReader --

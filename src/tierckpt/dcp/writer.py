@@ -28,13 +28,13 @@ from ..drain import commit_durable, run_in_background, upload_rank_part, watch_d
 from ..durable_retention import sweep_durable
 from ..errors import ConfigError, DurableTierError, InvalidStepError, TierckptError
 from ..leases import AttemptLease, lease_name
-from ..manifest import BlobInfo, CommitRecord, RankEntry, RankManifest, checksum
+from ..manifest import BlobInfo, CommitRecord, RankEntry, RankManifest, checksum, rank_manifest
 from ..resume import resume_pending_once
 from ..retention import make_room, sweep
 from ..staging import PrivateBuffer, StagingBuffer, StagingPool, align, is_full, tensor_bytes
 from ..tiers.directory import remove_quietly
 from ..tiers.durable import open_durable_tier
-from ..tiers.memory import MemoryTier
+from ..tiers.memory import open_memory_tier
 from ._stage import stage_into, staged_sizes
 
 __all__ = ["TieredStorageWriter"]
@@ -109,7 +109,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         self._private: PrivateBuffer | None = None
         if not self.save_to_durable:
             self.durable_done.set_result(None)
-        self.memory = MemoryTier(config.memory_root or "")
+        self.memory = open_memory_tier(config)  # refuses an untrusted root; creates nothing
         self.durable = open_durable_tier(config) if self.save_to_durable else None
         resume_pending_once(config)
 
@@ -172,10 +172,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         if self.step is None:
-            raise InvalidStepError(
-                f"Invalid step value: no step given (path={self.path!r}). Pass step=<int>, or a "
-                "path / checkpoint_id containing 'step_<N>' (e.g. 'step_100/checkpoint')."
-            )
+            raise layout.no_step_error(self.path)
         self.is_coordinator = is_coordinator
         self.rank = int(kwargs.get("rank", self._rank_guess()))
         if self._staged_attempt:
@@ -192,7 +189,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         if self._used:
             self.attempt = layout.new_attempt_id()
         self._used = True
-        self.memory.ensure_root()
+        self.memory.ensure_root(self.config.namespace)
         if self._lease is not None:
             self._lease.release()
         ns_dir = self.memory.path(self.config.namespace)
@@ -342,7 +339,6 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         buffer, private = self._staging, self._private
         self._staging = self._private = None
         fname = layout.data_name(attempt, rank)
-        blobs: list[list[Any]] = []
         infos: list[tuple[Any, BlobInfo]] = []
         size = 0
         try:
@@ -358,7 +354,6 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
                 for item, data in resolved:
                     info, tail = self._place(item.type, data, buffer, fname, tail)
                     infos.append((item, info))
-                    blobs.append([info.offset, info.length, info.checksum])
                 size = tail if tail > buffer.capacity else buffer.used
                 buffer.finish(size)
         except BaseException as e:
@@ -368,7 +363,6 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         finally:
             if private is not None:
                 private.give_back()  # its planned tensors are copied into the buffer
-        manifest = RankManifest(rank=rank, attempt=attempt, step=step, durable=self._durable)
         if buffer is not None:
             buffer.close()
             if infos:
@@ -377,9 +371,17 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
                 crash_point("save.before_rename")
                 os.rename(buffer.path, target)
                 crash_point("save.after_rename")
-                manifest.files[fname] = {"size": size, "blobs": blobs}
             else:
                 self._release(buffer)
+        manifest = rank_manifest(
+            rank,
+            attempt,
+            step,
+            self._durable,
+            fname if infos else None,
+            size,
+            ((i.offset, i.length, i.checksum) for _, i in infos),
+        )
         self.memory.write(
             layout.step_key(ns, step, layout.manifest_name(attempt, rank)), [manifest.to_json()]
         )
@@ -512,8 +514,28 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
                 info: BlobInfo = wr.storage_data
                 storage_data[wr.index] = info
                 size = max(size, info.file_size)
-            files = {layout.data_name(attempt, rank): size} if rank_results else {}
-            ranks.append(RankEntry(rank, attempt, layout.manifest_name(attempt, rank), files))
+            fname = layout.data_name(attempt, rank) if rank_results else None
+            # The rank wrote exactly this manifest: rebuilt here, its checksum goes in the commit.
+            manifest = rank_manifest(
+                rank,
+                attempt,
+                step,
+                self._durable,
+                fname,
+                size,
+                (
+                    (wr.storage_data.offset, wr.storage_data.length, wr.storage_data.checksum)
+                    for wr in rank_results
+                ),
+            )
+            entry = RankEntry(
+                rank,
+                attempt,
+                layout.manifest_name(attempt, rank),
+                {fname: size} if fname is not None else {},
+                manifest_checksum=checksum(manifest.to_json()),
+            )
+            ranks.append(entry)
         metadata.storage_data = storage_data
         crash_point("save.before_metadata")
         md_name = layout.metadata_name(self.attempt)
@@ -528,6 +550,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             metadata=md_name,
             ranks=ranks,
             durable=self._durable,
+            metadata_checksum=checksum(md_bytes),
         )
         catalog = StepCatalog(self.memory, ns, log)
         catalog.write_commit(record)

@@ -45,8 +45,15 @@ class DirectoryTier:
         """Create the root directory if it is missing."""
         os.makedirs(self.root, mode=self._dir_mode, exist_ok=True)
 
-    def check_available(self) -> None:
-        """Raise :class:`DurableUnavailableError` when the root cannot be created or written."""
+    def check_available(self, *, create: bool = True) -> None:
+        """Raise :class:`DurableUnavailableError` when the root cannot be created or written.
+
+        With ``create=False`` (readers, read-only commands) nothing is created: a missing
+        root is an empty tier, and an existing one need only be readable.
+        """
+        if not create:
+            self._check_readable()
+            return
         try:
             self.ensure_root()
         except OSError as e:
@@ -57,6 +64,21 @@ class DirectoryTier:
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise DurableUnavailableError(
                 f"The {self.name} tier directory {self.root} is not writable; fix its permissions."
+            )
+
+    def _check_readable(self) -> None:
+        """A missing root that could be created later is fine (an empty tier)."""
+        existing = self.root
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise DurableUnavailableError(
+                f"The {self.name} tier directory {self.root} cannot be created ({existing} is "
+                "not a directory); fix the path."
+            )
+        if existing == self.root and not os.access(self.root, os.R_OK | os.X_OK):
+            raise DurableUnavailableError(
+                f"The {self.name} tier directory {self.root} is not readable; fix its permissions."
             )
 
     def path(self, key: str) -> str:

@@ -13,8 +13,12 @@ if TYPE_CHECKING:
 __all__ = ["open_durable_tier"]
 
 
-def open_durable_tier(config: CheckpointConfig, *, check: bool = True) -> Tier:
-    """The durable tier of ``config``; with ``check``, fail now if it is unreachable."""
+def open_durable_tier(config: CheckpointConfig, *, check: bool = True, create: bool = True) -> Tier:
+    """The durable tier of ``config``; with ``check``, fail now if it is unreachable.
+
+    ``create=False`` (readers, read-only commands) creates nothing: a missing ``file://``
+    directory is an empty tier.
+    """
     url = config.durable_base_path or ""
     if url.startswith("s3://"):
         from .s3 import S3Tier
@@ -25,5 +29,5 @@ def open_durable_tier(config: CheckpointConfig, *, check: bool = True) -> Tier:
         return s3
     tier = DirectoryTier(url[len("file://") :], name="durable")
     if check:
-        tier.check_available()
+        tier.check_available(create=create)
     return tier

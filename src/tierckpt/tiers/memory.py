@@ -5,14 +5,20 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import xxhash
 
+from ..errors import UnsafeMemoryRootError
 from .base import KeyNotFoundError
 from .directory import DirectoryTier
 
-__all__ = ["MemoryTier", "SharedRead"]
+if TYPE_CHECKING:
+    from ..config import CheckpointConfig
+
+__all__ = ["MemoryTier", "SharedRead", "open_memory_tier"]
 
 
 class MemoryTier(DirectoryTier):
@@ -21,11 +27,29 @@ class MemoryTier(DirectoryTier):
     def __init__(self, root: str) -> None:
         super().__init__(root, name="memory", dir_mode=0o700, durable_sync=False)
 
-    def ensure_root(self) -> None:
-        """Create the root (0700) if it is missing, e.g. after a node reboot."""
-        if not os.path.isdir(self.root):
-            os.makedirs(self.root, mode=0o700, exist_ok=True)
-            os.chmod(self.root, 0o700)
+    def ensure_root(self, namespace: str | None = None) -> None:
+        """Create the root (and ``namespace``'s directory) 0700 if missing; refuse untrusted ones."""
+        self.check_trusted(namespace, create=True)
+
+    def check_trusted(self, namespace: str | None = None, *, create: bool = False) -> None:
+        """Raise :class:`UnsafeMemoryRootError` unless the root is this user's own.
+
+        The root, and ``namespace``'s directory in it, must each be a real directory (lstat:
+        a symlink is refused, never followed) owned by the effective user and not writable by
+        group or others. With ``create`` missing ones are made with mode 0700; without, a
+        missing one is simply an empty tier and nothing is created.
+        """
+        paths = [("memory root", self.root)]
+        if namespace is not None:
+            paths.append(("namespace directory", self.path(namespace)))
+        for what, path in paths:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                if not create:
+                    return
+                st = _make_private_dir(path)
+            _refuse_untrusted(what, path, st)
 
     def open_shared(self, key: str) -> SharedRead:
         """Open ``key`` for reading under a shared flock (see :class:`SharedRead`).
@@ -110,3 +134,49 @@ class SharedRead:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def open_memory_tier(config: CheckpointConfig, *, create: bool = False) -> MemoryTier:
+    """The memory tier of ``config``, its root and namespace directory checked as trusted."""
+    tier = MemoryTier(config.memory_root or "")
+    tier.check_trusted(config.namespace, create=create)
+    return tier
+
+
+def _make_private_dir(path: str) -> os.stat_result:
+    """Create ``path`` with mode 0700 (whatever the umask); its lstat."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return os.lstat(path)  # made concurrently (another rank): checked like any other
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+    return os.lstat(path)
+
+
+def _refuse_untrusted(what: str, path: str, st: os.stat_result) -> None:
+    uid = os.geteuid()
+    if stat.S_ISLNK(st.st_mode):
+        problem = f"a symlink (to {os.readlink(path)!r})"
+        fix = "use the real directory's path if it is your own"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "not a directory"
+        fix = "remove or move the file"
+    elif st.st_uid != uid:
+        problem = f"owned by uid {st.st_uid}, not by this user (uid {uid})"
+        fix = f"if it is yours, `chown {uid} {path}`"
+    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = f"writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+        fix = f"`chmod 700 {path}`"
+    else:
+        return
+    raise UnsafeMemoryRootError(
+        f"The {what} {path} is {problem}: another local user could read, replace or plant "
+        f"checkpoint files there, so tierckpt does not use it. Fix: {fix}, or set "
+        "TIERCKPT_MEMORY_ROOT (or CheckpointConfig(memory_root=...)) to a directory of your "
+        "own; the default /dev/shm/tierckpt-<uid> is created with mode 0700."
+    )
