@@ -15,7 +15,7 @@ from .errors import (
     TierckptError,
     TierFullError,
 )
-from .resume import resume_pending
+from .resume import PendingDrain, pending_drains, resume_pending
 
 __all__ = [
     "CheckpointConfig",
@@ -26,10 +26,12 @@ __all__ = [
     "IntegrityError",
     "InvalidStepError",
     "MemoryBudgetError",
+    "PendingDrain",
     "TierFullError",
     "TieredStorageReader",
     "TieredStorageWriter",
     "TierckptError",
+    "pending_drains",
     "resume_pending",
     "wait_for_drains",
 ]

@@ -167,6 +167,25 @@ class DirectoryTier:
         """Bytes held under the root (every namespace)."""
         return sum(self.list("").values()) if os.path.isdir(self.root) else 0
 
+    def discard_partial(self, prefix: str) -> int:
+        """Remove temporaries (``<key>.tmp-<pid>``) of keys starting with ``prefix`` that a
+        killed writer left; returns how many. Only for keys no live process is writing."""
+        head, _, stem = prefix.rpartition("/")
+        base = self.path(head) if head else self.root
+        found: builtins.list[str] = []
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(base) as it:
+            for e in it:
+                if not e.name.startswith(stem):
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    found += [os.path.join(d, f) for d, _, fs in os.walk(e.path) for f in fs]
+                else:
+                    found.append(e.path)
+        partial = [f for f in found if _TMP_MARK in os.path.basename(f)]
+        for f in partial:
+            remove_quietly(f)
+        return len(partial)
+
 
 def remove_quietly(path: str) -> None:
     """Remove a file; a missing one is not an error."""
