@@ -194,8 +194,12 @@ def test_a_durable_directory_that_cannot_be_created_is_a_typed_error(
     )
     with pytest.raises(DurableUnavailableError, match="cannot be created"):
         TieredStorageReader(cfg)
-    with pytest.raises(DurableUnavailableError):
-        TieredStorageWriter(cfg, step=1, save_to_durable=True)
+    # A writer never raises for the durable tier (a rank failing alone would hang the
+    # others' collectives): the save commits in memory and its drain fails typed.
+    w = TieredStorageWriter(cfg, step=1, save_to_durable=True)
+    dcp.save({"w": torch.ones(16)}, storage_writer=w)
+    with pytest.raises(DurableUnavailableError, match="cannot be created"):
+        w.durable_done.result(timeout=30)
 
 
 def test_dcp_plan_caching_is_refused_with_a_typed_error_and_the_first_save_stays_loadable(

@@ -265,11 +265,15 @@ def test_the_seed_message_unable_to_fetch_region_for_a_missing_bucket(s3_server,
         s3_tier_base_path="s3://tierckpt-no-such-seed-bucket/checkpoints",
         save_to_s3=True,
     )
+    # The writer never raises for the durable tier (a rank failing alone would hang the
+    # others' collectives): the save commits in memory and its drain fails with the message.
+    writer = SageMakerTieredStorageWriter(checkpoint_config=cfg, step=1)
+    dcp.save({"w": torch.ones(3)}, storage_writer=writer)
     with pytest.raises(
         DurableUnavailableError,
         match="Unable to fetch region for S3 bucket tierckpt-no-such-seed-bucket",
     ):
-        SageMakerTieredStorageWriter(checkpoint_config=cfg, step=1)
+        writer.durable_done.result(timeout=30)
 
 
 def test_a_reader_for_a_missing_step_fails_in_load_where_the_seeds_try_block_catches_it(

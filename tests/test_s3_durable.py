@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import torch
+import torch.distributed.checkpoint as dcp
 
 import s3workers as sw
 from faultproxy import FaultProxy
@@ -385,7 +387,11 @@ def test_a_missing_or_unreachable_bucket_fails_fast_with_an_error_naming_it(
         t0 = time.monotonic()
         with pytest.raises(DurableUnavailableError, match=bucket) as info:
             if build == "writer":
-                TieredStorageWriter(cfg, step=1, save_to_durable=True)
+                # A writer never raises for the durable tier: the save commits in memory and
+                # its drain fails, typed and fast.
+                w = TieredStorageWriter(cfg, step=1, save_to_durable=True)
+                dcp.save({"w": torch.ones(16)}, storage_writer=w)
+                w.durable_done.result(timeout=30)
             else:
                 TieredStorageReader(cfg)
         elapsed = time.monotonic() - t0

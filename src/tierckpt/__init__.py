@@ -16,7 +16,7 @@ from .errors import (
     TierFullError,
     UnsafeMemoryRootError,
 )
-from .resume import resume_pending
+from .resume import PendingDrain, pending_drains, resume_pending
 
 __all__ = [
     "CheckpointConfig",
@@ -27,11 +27,13 @@ __all__ = [
     "IntegrityError",
     "InvalidStepError",
     "MemoryBudgetError",
+    "PendingDrain",
     "TierFullError",
     "TieredStorageReader",
     "TieredStorageWriter",
     "TierckptError",
     "UnsafeMemoryRootError",
+    "pending_drains",
     "resume_pending",
     "wait_for_drains",
 ]

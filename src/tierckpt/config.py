@@ -155,6 +155,18 @@ class CheckpointConfig:
     """Durable steps kept (the newest); None keeps all."""
     durable_keep_every: int | None = None
     """Also keep every durable step that is a multiple of this."""
+    durable_retry_initial_s: float = 2.0
+    """Delay before a failed durable drain is retried; it doubles after each failed retry."""
+    durable_retry_max_s: float = 300.0
+    """Longest delay between two retries of a failed durable drain (retried while the
+    process lives, and resumed by the next run)."""
+    durable_max_pending_steps: int = 2
+    """Durable steps whose drain failed that stay pinned in this node's memory tier; past it
+    the oldest is unpinned (logged as an ERROR): memory retention may then evict it and it
+    never reaches the durable tier. The newest save is never the one unpinned."""
+    durable_exit_wait_s: float = 60.0
+    """At interpreter exit, how long to wait for durable drains still running; what is
+    abandoned is logged and resumed by the next run (``resume_pending``)."""
     s3_tier_base_path: InitVar[str | None] = None
     save_to_s3: InitVar[bool | None] = None
     memory_budget_bytes: int | None = field(init=False, default=None)
@@ -204,6 +216,18 @@ class CheckpointConfig:
             )
         if self.durable_commit_timeout_s <= 0:
             raise ConfigError("durable_commit_timeout_s must be > 0.")
+        for name in ("durable_retry_initial_s", "durable_retry_max_s", "durable_exit_wait_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
+                raise ConfigError(f"{name}={v!r}: must be a number of seconds >= 0.")
+        if self.durable_retry_max_s < self.durable_retry_initial_s:
+            raise ConfigError(
+                f"durable_retry_max_s={self.durable_retry_max_s} is below "
+                f"durable_retry_initial_s={self.durable_retry_initial_s}: raise the maximum."
+            )
+        v = self.durable_max_pending_steps
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"durable_max_pending_steps={v!r}: must be an int >= 1.")
 
     @property
     def log(self) -> logging.Logger:

@@ -3,12 +3,15 @@
 Every rank uploads its own part (data files, then its manifest, which marks the part
 complete). The coordinator then waits for every rank's manifest, writes the DCP
 metadata and, last, the commit record. Coordination goes through the durable tier
-itself, never through the training process group (invariant 6).
+itself, never through the training process group (invariant 6). A rank whose upload
+fails leaves a ``.failed`` marker there, so the coordinator stops waiting at once.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import json
 import logging
 import threading
 import time
@@ -20,32 +23,49 @@ from . import layout
 from ._faults import crash_point
 from ._log import rate, step_message
 from .catalog import StepCatalog
-from .errors import DurableTierError
+from .errors import DurableTierError, DurableUnavailableError
 from .manifest import CommitRecord, RankManifest
 from .tiers.base import Tier
 from .tiers.memory import MemoryTier
 
 __all__ = [
+    "check_reachable",
+    "clear_failed",
     "commit_durable",
     "in_flight",
     "run_in_background",
+    "set_exit_wait",
     "upload_rank_part",
+    "wait_at_exit",
     "wait_for_drains",
     "watch_durable_commit",
 ]
 
 T = TypeVar("T")
-_PENDING: set[Future[Any]] = set()
+DEFAULT_EXIT_WAIT_S = 60.0
+_PENDING: dict[Future[Any], tuple[logging.Logger, str] | None] = {}
+"""Jobs awaited at exit -> (logger, what the job is) for the log line if it is abandoned."""
 _IN_FLIGHT: set[tuple[str, int, str, int]] = set()
 """(namespace, step, attempt, rank) of uploads running in this process."""
+_COMMITTING: set[tuple[str, int, str]] = set()
+"""(namespace, step, coordinator attempt) of durable commits running in this process."""
 _PENDING_LOCK = threading.Lock()
+_exit_wait_s = DEFAULT_EXIT_WAIT_S
+_exit_wait_set = False
 
 
-def run_in_background(fn: Callable[[], T], *, name: str, wait_at_exit: bool = True) -> Future[T]:
+def run_in_background(
+    fn: Callable[[], T],
+    *,
+    name: str,
+    wait_at_exit: bool = True,
+    exit_note: tuple[logging.Logger, str] | None = None,
+) -> Future[T]:
     """Run ``fn`` on a daemon thread; its future completes with the result or the error.
 
-    Jobs with ``wait_at_exit`` are awaited when the interpreter exits normally, so the
-    last durable step of a finished run is not cut off.
+    Jobs with ``wait_at_exit`` are awaited (for at most ``durable_exit_wait_s``) when the
+    interpreter exits normally, so the last durable step of a finished run is not cut
+    off; ``exit_note`` names the job in the ERROR line logged if the wait gives up.
     """
     fut: Future[T] = Future()
 
@@ -56,17 +76,20 @@ def run_in_background(fn: Callable[[], T], *, name: str, wait_at_exit: bool = Tr
             fut.set_exception(e)
         finally:
             with _PENDING_LOCK:
-                _PENDING.discard(fut)
+                _PENDING.pop(fut, None)
 
     if wait_at_exit:
         with _PENDING_LOCK:
-            _PENDING.add(fut)
+            _PENDING[fut] = exit_note
     threading.Thread(target=body, name=name, daemon=True).start()
     return fut
 
 
 def wait_for_drains(timeout: float | None = None) -> bool:
-    """Wait for this process's uploads and durable commits; True if all finished."""
+    """Wait for this process's uploads and durable commits; True if all finished.
+
+    Retries of failed drains are not waited for (see ``tierckpt.pending_drains``).
+    """
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         with _PENDING_LOCK:
@@ -82,7 +105,44 @@ def wait_for_drains(timeout: float | None = None) -> bool:
             return False
 
 
-atexit.register(wait_for_drains)
+def set_exit_wait(seconds: float) -> None:
+    """Bound the exit wait by ``seconds`` (the longest any config of this process asked for)."""
+    global _exit_wait_s, _exit_wait_set
+    with _PENDING_LOCK:
+        _exit_wait_s = seconds if not _exit_wait_set else max(_exit_wait_s, seconds)
+        _exit_wait_set = True
+
+
+def wait_at_exit() -> bool:
+    """What runs at interpreter exit: wait at most the exit bound, log what is abandoned.
+
+    Abandoned work is not lost: the steps stay committed in memory and the next writer or
+    reader of the namespace resumes their drains. True if everything finished.
+    """
+    t0 = time.monotonic()
+    if wait_for_drains(timeout=_exit_wait_s):
+        return True
+    waited = time.monotonic() - t0
+    with _PENDING_LOCK:
+        notes = [n for f, n in _PENDING.items() if not f.done()]
+    for note in notes:
+        log, what = note if note is not None else (logging.getLogger("tierckpt"), "A drain")
+        log.error(
+            f"{what} abandoned at exit after waiting {waited:.1f}s (durable_exit_wait_s); the "
+            "step stays committed in memory and the next run resumes its drain "
+            "(tierckpt.resume_pending)."
+        )
+    return False
+
+
+atexit.register(wait_at_exit)
+
+
+def check_reachable(durable: Tier) -> None:
+    """Raise :class:`DurableUnavailableError` now if the tier says it is unreachable."""
+    check = getattr(durable, "check_available", None)
+    if check is not None:
+        check()
 
 
 def upload_rank_part(
@@ -94,22 +154,35 @@ def upload_rank_part(
     *,
     mark_drained: bool = True,
 ) -> int:
-    """Copy one rank's files of a step to the durable tier; the manifest goes last."""
+    """Copy one rank's files of a step to the durable tier; the manifest goes last.
+
+    On failure a ``.failed`` marker is left in the durable tier (when it can be written)
+    so the coordinator's durable commit stops waiting for this part.
+    """
     t0 = time.perf_counter()
     step, rank, attempt = manifest.step, manifest.rank, manifest.attempt
-    _IN_FLIGHT.add((namespace, step, attempt, rank))
+    with _PENDING_LOCK:
+        _IN_FLIGHT.add((namespace, step, attempt, rank))
     total = 0
-    for name in manifest.files:
-        key = layout.step_key(namespace, step, name)
-        total += durable.put_file(key, memory.path(key))
-    crash_point("drain.after_data")
-    durable.write(
-        layout.step_key(namespace, step, layout.manifest_name(attempt, rank)), [manifest.to_json()]
-    )
-    crash_point("drain.after_manifest")
+    try:
+        for name in manifest.files:
+            key = layout.step_key(namespace, step, name)
+            total += durable.put_file(key, memory.path(key))
+        crash_point("drain.after_data")
+        durable.write(
+            layout.step_key(namespace, step, layout.manifest_name(attempt, rank)),
+            [manifest.to_json()],
+        )
+        crash_point("drain.after_manifest")
+    except BaseException as e:
+        if not isinstance(e, DurableUnavailableError):
+            mark_failed(durable, namespace, step, attempt, rank, e, log)
+        raise
+    finally:
+        with _PENDING_LOCK:
+            _IN_FLIGHT.discard((namespace, step, attempt, rank))
     if mark_drained:  # the coordinator's part is marked once the durable commit is written
         memory.write(layout.step_key(namespace, step, layout.drained_name(attempt, rank)), [b""])
-    _IN_FLIGHT.discard((namespace, step, attempt, rank))
     log.info(
         step_message(
             rank,
@@ -120,9 +193,42 @@ def upload_rank_part(
     return total
 
 
+def mark_failed(
+    durable: Tier,
+    namespace: str,
+    step: int,
+    attempt: str,
+    rank: int,
+    error: BaseException,
+    log: logging.Logger,
+) -> None:
+    """Best effort: tell the coordinator (through the durable tier) that this part failed."""
+    key = layout.step_key(namespace, step, layout.failed_name(attempt, rank))
+    reason = f"{type(error).__name__}: {error}"[:500]
+    try:
+        durable.write(key, [json.dumps({"rank": rank, "error": reason}).encode()])
+    except Exception as e:
+        log.warning(step_message(rank, step, f"Could not leave the failure marker {key}: {e}"))
+
+
+def clear_failed(durable: Tier, namespace: str, step: int, attempt: str, rank: int) -> None:
+    """Best effort: remove this part's failure marker before it is uploaded again."""
+    with contextlib.suppress(Exception):
+        durable.delete(layout.step_key(namespace, step, layout.failed_name(attempt, rank)))
+
+
+def _failure_reason(durable: Tier, key: str) -> str:
+    try:
+        return str(json.loads(bytes(durable.read(key))).get("error", "unknown error"))
+    except Exception:
+        return "its marker is unreadable"
+
+
 def in_flight(namespace: str, step: int, attempt: str, rank: int) -> bool:
-    """True while this process is uploading that rank's part."""
-    return (namespace, step, attempt, rank) in _IN_FLIGHT
+    """True while this process is uploading that rank's part or committing its attempt."""
+    with _PENDING_LOCK:
+        uploading = (namespace, step, attempt, rank) in _IN_FLIGHT
+        return uploading or (namespace, step, attempt) in _COMMITTING
 
 
 def _poll(check: Callable[[], bool], deadline: float) -> bool:
@@ -146,7 +252,30 @@ def commit_durable(
     metadata: bytes | None = None,
     coordinator: tuple[str, int] | None = None,
 ) -> None:
-    """Coordinator: once every rank's part is durable, write metadata and then the commit."""
+    """Coordinator: once every rank's part is durable, write metadata and then the commit.
+
+    Stops waiting at once, with a :class:`DurableTierError` naming the rank, when a part
+    that is still missing has a failure marker.
+    """
+    job = (record.namespace, record.step, record.attempt)
+    with _PENDING_LOCK:
+        _COMMITTING.add(job)
+    try:
+        _commit_durable(memory, durable, record, timeout_s, log, metadata, coordinator)
+    finally:
+        with _PENDING_LOCK:
+            _COMMITTING.discard(job)
+
+
+def _commit_durable(
+    memory: MemoryTier,
+    durable: Tier,
+    record: CommitRecord,
+    timeout_s: float,
+    log: logging.Logger,
+    metadata: bytes | None,
+    coordinator: tuple[str, int] | None,
+) -> None:
     t0 = time.perf_counter()
     catalog = StepCatalog(durable, record.namespace, log)
     needed = {r.manifest for r in record.ranks}
@@ -154,7 +283,27 @@ def commit_durable(
 
     def all_parts_there() -> bool:
         nonlocal missing
-        missing = sorted(needed - set(catalog.files(record.step)))
+        files = catalog.files(record.step)
+        missing = sorted(needed - set(files))
+        failed = [
+            r
+            for r in record.ranks
+            if r.manifest in missing and layout.failed_name(r.attempt, r.rank) in files
+        ]
+        if failed:
+            why = "; ".join(
+                f"rank {r.rank}'s upload failed ("
+                + _failure_reason(
+                    durable, catalog.key(record.step, layout.failed_name(r.attempt, r.rank))
+                )
+                + ")"
+                for r in failed
+            )
+            raise DurableTierError(
+                f"Step {record.step}: the durable commit in {durable.url} stopped waiting: {why}. "
+                "The step stays committed in memory; its drain is retried in the background "
+                "and resumed by the next writer or reader of the namespace."
+            )
         return not missing
 
     if not _poll(all_parts_there, time.monotonic() + timeout_s):
@@ -196,14 +345,29 @@ def watch_durable_commit(
     timeout_s: float,
     log: logging.Logger,
 ) -> None:
-    """Non-coordinators: wait until the durable commit of ``step`` includes this rank's attempt."""
+    """Non-coordinators: wait until the durable commit of ``step`` includes this rank's attempt.
+
+    Ends at once, typed, when this rank's part has a failure marker (its upload, maybe in
+    another process, failed).
+    """
     catalog = StepCatalog(durable, namespace, log)
+    failed = layout.failed_name(attempt, rank)
 
     def committed() -> bool:
-        record = catalog.commit(step)
-        return record is not None and any(
-            r.rank == rank and r.attempt == attempt for r in record.ranks
-        )
+        files = catalog.files(step)
+        if layout.COMMIT_NAME in files:
+            record = catalog.commit(step)
+            if record is not None and any(
+                r.rank == rank and r.attempt == attempt for r in record.ranks
+            ):
+                return True
+        if failed in files and layout.manifest_name(attempt, rank) not in files:
+            reason = _failure_reason(durable, catalog.key(step, failed))
+            raise DurableTierError(
+                f"Step {step}: rank {rank}'s durable upload failed ({reason}); the step stays "
+                "committed in memory and its drain is retried."
+            )
+        return False
 
     if not _poll(committed, time.monotonic() + timeout_s):
         raise DurableTierError(

@@ -5,6 +5,8 @@ A step lives under ``<namespace>/step_<N>/`` in every tier:
     <attempt>-r<rank>.data           data blobs of one rank (one save attempt)
     <attempt>-r<rank>.manifest.json  that rank's manifest: files, sizes, checksums
     <attempt>-r<rank>.drained        memory tier only: that rank's part is in the durable tier
+    <attempt>-r<rank>.unpinned       memory tier only: that rank's failed drain was given up
+    <attempt>-r<rank>.failed         durable tier only: that rank's upload failed (it retries)
     <attempt>.metadata               DCP metadata (written by the coordinator)
     COMMIT                           the commit record, written last
 """
@@ -21,15 +23,19 @@ __all__ = [
     "attempt_of",
     "data_name",
     "drained_name",
+    "failed_name",
     "manifest_name",
     "metadata_name",
     "new_attempt_id",
     "no_step_error",
+    "parse_manifest_name",
     "parse_step",
     "parse_step_dir",
+    "part_prefix",
     "step_dir",
     "step_from_path",
     "step_key",
+    "unpinned_name",
 ]
 
 COMMIT_NAME = "COMMIT"
@@ -63,6 +69,30 @@ def manifest_name(attempt: str, rank: int) -> str:
 
 def drained_name(attempt: str, rank: int) -> str:
     return f"{attempt}-r{rank}.drained"
+
+
+def part_prefix(attempt: str, rank: int) -> str:
+    """What the names of one rank's files of one attempt begin with (data, manifest, markers)."""
+    return f"{attempt}-r{rank}."
+
+
+def unpinned_name(attempt: str, rank: int) -> str:
+    """Memory tier: this part's failed drain was given up; retention may evict the step."""
+    return f"{attempt}-r{rank}.unpinned"
+
+
+def failed_name(attempt: str, rank: int) -> str:
+    """Durable tier: this part's upload failed; the coordinator stops waiting for it."""
+    return f"{attempt}-r{rank}.failed"
+
+
+_MANIFEST = re.compile(r"^([0-9a-f]{12})-r(\d+)\.manifest\.json$")
+
+
+def parse_manifest_name(name: str) -> tuple[str, int] | None:
+    """``(attempt, rank)`` of a rank manifest's name, or None for any other name."""
+    m = _MANIFEST.match(name)
+    return (m.group(1), int(m.group(2))) if m else None
 
 
 def metadata_name(attempt: str) -> str:

@@ -36,12 +36,15 @@ def drain_pending(record: CommitRecord, listing: dict[str, int]) -> bool:
     """True while a part of a durable step held on this node is not yet in the durable tier.
 
     Parts written on other nodes (their manifests are not in ``listing``) are those nodes'
-    concern: each node's retention protects its own parts.
+    concern: each node's retention protects its own parts. A part whose failed drain was
+    given up (``.unpinned``, see ``durable_max_pending_steps``) protects nothing.
     """
     if not record.durable:
         return False
     return any(
-        r.manifest in listing and layout.drained_name(r.attempt, r.rank) not in listing
+        r.manifest in listing
+        and layout.drained_name(r.attempt, r.rank) not in listing
+        and layout.unpinned_name(r.attempt, r.rank) not in listing
         for r in record.ranks
     )
 

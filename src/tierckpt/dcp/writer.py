@@ -24,12 +24,19 @@ from .._faults import crash_point
 from .._log import logger_for, rate, step_message
 from ..catalog import StepCatalog
 from ..config import CheckpointConfig, require_config
-from ..drain import commit_durable, run_in_background, upload_rank_part, watch_durable_commit
+from ..drain import (
+    check_reachable,
+    commit_durable,
+    run_in_background,
+    set_exit_wait,
+    upload_rank_part,
+    watch_durable_commit,
+)
 from ..durable_retention import sweep_durable
 from ..errors import ConfigError, DurableTierError, InvalidStepError, TierckptError
 from ..leases import AttemptLease, lease_name
 from ..manifest import BlobInfo, CommitRecord, RankEntry, RankManifest, checksum, rank_manifest
-from ..resume import resume_pending_once
+from ..resume import note_failure, note_success, resume_pending_once
 from ..retention import make_room, sweep
 from ..staging import PrivateBuffer, StagingBuffer, StagingPool, align, is_full, tensor_bytes
 from ..tiers.directory import remove_quietly
@@ -110,7 +117,11 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         if not self.save_to_durable:
             self.durable_done.set_result(None)
         self.memory = open_memory_tier(config)  # refuses an untrusted root; creates nothing
-        self.durable = open_durable_tier(config) if self.save_to_durable else None
+        # Never raises for the durable tier here: a rank failing alone before DCP's
+        # collectives would hang the others. An unreachable tier fails the drain instead.
+        self.durable = open_durable_tier(config, check=False) if self.save_to_durable else None
+        if self.save_to_durable:
+            set_exit_wait(config.durable_exit_wait_s)
         resume_pending_once(config)
 
     # -- pickling (DCP's PROCESS checkpointer ships the writer to a subprocess) --
@@ -472,16 +483,30 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         return BlobInfo(fname, start, nbytes, checksum(raw), dtype, shape), start + nbytes
 
     def _start_drain(self, manifest: RankManifest) -> None:
-        durable = self.durable or open_durable_tier(self.config)
+        durable = self.durable or open_durable_tier(self.config, check=False)
         self.durable = durable
-        log = logger_for(self.config)
+        config, log = self.config, logger_for(self.config)
         ns, memory = self.config.namespace, self.memory
         coordinator = self.is_coordinator
+        step, attempt, rank = manifest.step, manifest.attempt, manifest.rank
+
+        def upload_part() -> int:
+            try:
+                check_reachable(durable)
+                total = upload_rank_part(
+                    memory, durable, ns, manifest, log, mark_drained=not coordinator
+                )
+            except BaseException as e:
+                note_failure(config, step, attempt, rank, e, log)  # retried in the background
+                raise
+            if not coordinator:  # the coordinator's part succeeds with its durable commit
+                note_success(config, rank)
+            return total
+
         self._upload = run_in_background(
-            lambda: upload_rank_part(
-                memory, durable, ns, manifest, log, mark_drained=not coordinator
-            ),
+            upload_part,
             name=f"tierckpt-upload-{manifest.step}",
+            exit_note=(log, step_message(rank, step, "This rank's durable upload")),
         )
         if self.is_coordinator:
             return  # finish() chains the durable commit after the memory commit
@@ -566,8 +591,9 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             self._start_durable_commit(record, md_bytes)
 
     def _start_durable_commit(self, record: CommitRecord, md_bytes: bytes) -> None:
-        durable = self.durable or open_durable_tier(self.config)
+        durable = self.durable or open_durable_tier(self.config, check=False)
         upload, done, memory = self._upload, self.durable_done, self.memory
+        config, attempt, rank = self.config, self.attempt, self.rank
         timeout, log = self.config.durable_commit_timeout_s, logger_for(self.config)
 
         def commit() -> None:
@@ -581,15 +607,22 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
                     timeout,
                     log,
                     metadata=md_bytes,
-                    coordinator=(self.attempt, self.rank),
+                    coordinator=(attempt, rank),
                 )
-                done.set_result(None)
-                sweep_durable(self.config, durable, log)
             except BaseException as e:
-                done.set_exception(_typed(e, self.step))
-                log.error(step_message(self.rank, record.step, f"Durable drain failed: {e}"))
+                note_failure(config, record.step, attempt, rank, e, log)
+                done.set_exception(_typed(e, record.step))
+                log.error(step_message(rank, record.step, f"Durable drain failed: {e}"))
+                return
+            done.set_result(None)
+            note_success(config, rank)
+            sweep_durable(config, durable, log)
 
-        run_in_background(commit, name=f"tierckpt-commit-{record.step}")
+        run_in_background(
+            commit,
+            name=f"tierckpt-commit-{record.step}",
+            exit_note=(log, step_message(rank, record.step, "The durable commit")),
+        )
 
 
 def _typed(error: BaseException, step: int | None) -> BaseException:
@@ -598,7 +631,8 @@ def _typed(error: BaseException, step: int | None) -> BaseException:
         return error
     wrapped = DurableTierError(
         f"Step {step}: the durable drain failed ({type(error).__name__}: {error}); the step stays "
-        "committed in memory and the next writer or reader of the namespace resumes the drain."
+        "committed in memory, the drain is retried in the background (tierckpt.pending_drains "
+        "lists it) and the next writer or reader of the namespace resumes it."
     )
     wrapped.__cause__ = error
     return wrapped
