@@ -6,7 +6,10 @@ A step lives under ``<namespace>/step_<N>/`` in every tier:
     <attempt>-r<rank>.manifest.json  that rank's manifest: files, sizes, checksums
     <attempt>-r<rank>.drained        memory tier only: that rank's part is in the durable tier
     <attempt>.metadata               DCP metadata (written by the coordinator)
+    <attempt>.unloadable-r<rank>     memory tier only: that rank found no valid copy of a blob
     COMMIT                           the commit record, written last
+
+Only names :func:`is_ours` recognises are ever deleted by tierckpt.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ __all__ = [
     "attempt_of",
     "data_name",
     "drained_name",
+    "is_ours",
+    "is_unloadable_mark",
     "manifest_name",
     "metadata_name",
     "new_attempt_id",
@@ -29,12 +34,17 @@ __all__ = [
     "step_dir",
     "step_from_path",
     "step_key",
+    "unloadable_name",
 ]
 
 COMMIT_NAME = "COMMIT"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _STEP_IN_PATH = re.compile(r"(?:^|[/\\])step_(\d+)(?:$|[/\\])")
 _ATTEMPT = re.compile(r"^[0-9a-f]{12}$")
+_OURS = re.compile(
+    r"^(?:COMMIT|[0-9a-f]{12}(?:-r\d+\.(?:data|manifest\.json|drained)|\.metadata"
+    r"|\.unloadable-r\d+))(?:\.tmp-\d+)?$"
+)
 
 
 def new_attempt_id() -> str:
@@ -66,6 +76,21 @@ def drained_name(attempt: str, rank: int) -> str:
 
 def metadata_name(attempt: str) -> str:
     return f"{attempt}.metadata"
+
+
+def unloadable_name(attempt: str, rank: int) -> str:
+    """Marker: ``rank`` found a blob of this attempt with no valid copy in any tier."""
+    return f"{attempt}.unloadable-r{rank}"
+
+
+def is_unloadable_mark(name: str, attempt: str) -> bool:
+    """True for an :func:`unloadable_name` marker of ``attempt`` (any rank)."""
+    return re.match(rf"^{re.escape(attempt)}\.unloadable-r\d+$", name) is not None
+
+
+def is_ours(name: str) -> bool:
+    """True for the name of a file tierckpt writes in a step directory (or its temporary)."""
+    return _OURS.match(name) is not None
 
 
 def attempt_of(name: str) -> str | None:
