@@ -134,12 +134,8 @@ class TieredStorageReader(StorageReader):
             self._durable_error = f"{type(e).__name__}: {e}"
             self.tiers = [self.memory]
             self.log.warning(
-                step_message(
-                    self.rank,
-                    self.requested_step,
-                    f"The durable tier {self.durable.url} is unreachable ({e}); this rank "
-                    "restores from the memory tier alone.",
-                )
+                f"[Rank {self.rank}] The durable tier {self.durable.url} is unreachable ({e}); "
+                "this rank restores from the memory tier alone."
             )
             return self._durable_error
         try:
