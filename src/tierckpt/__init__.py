@@ -1,5 +1,6 @@
 """tierckpt: tiered checkpointing (node memory, peer memory, durable object store) for PyTorch DCP."""
 
+from .api import async_save, load, save
 from .config import CheckpointConfig
 from .dcp.reader import TieredStorageReader
 from .dcp.writer import TieredStorageWriter
@@ -12,6 +13,7 @@ from .errors import (
     IntegrityError,
     InvalidStepError,
     MemoryBudgetError,
+    StepUnloadableError,
     TierckptError,
     TierFullError,
     UnsafeMemoryRootError,
@@ -28,13 +30,17 @@ __all__ = [
     "InvalidStepError",
     "MemoryBudgetError",
     "PendingDrain",
+    "StepUnloadableError",
     "TierFullError",
     "TieredStorageReader",
     "TieredStorageWriter",
     "TierckptError",
     "UnsafeMemoryRootError",
     "pending_drains",
+    "async_save",
+    "load",
     "resume_pending",
+    "save",
     "wait_for_drains",
 ]
 __version__ = "0.1.0"

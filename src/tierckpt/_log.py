@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .config import CheckpointConfig
 
-__all__ = ["logger_for", "rate", "step_message"]
+__all__ = ["logger_for", "rate", "step_message", "warn_once"]
 
 _FILE_HANDLERS: dict[tuple[str, str], logging.Handler] = {}
+_WARNED: set[tuple[str, ...]] = set()
 _LOCK = threading.Lock()
 _FORMAT = "[%(asctime)s] [{ns}] [%(name)s] [%(levelname)s] [%(filename)s:%(lineno)d] %(message)s"
 
@@ -41,3 +42,12 @@ def rate(nbytes: int, seconds: float) -> str:
     """``'<n> bytes in <t>s (<x> MB/s)'``."""
     mbs = nbytes / 1e6 / seconds if seconds > 0 else float("inf")
     return f"{nbytes} bytes in {seconds:.3f}s ({mbs:.1f} MB/s)"
+
+
+def warn_once(log: logging.Logger, key: tuple[str, ...], message: str) -> None:
+    """Log ``message`` as a WARNING the first time this process sees ``key``."""
+    with _LOCK:
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+    log.warning(message)

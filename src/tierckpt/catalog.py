@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from . import layout
+from ._log import warn_once
 from .errors import IntegrityError
 from .manifest import CommitRecord, RankEntry, RankManifest, checksum
 from .tiers.base import Buffer, KeyNotFoundError, Tier
@@ -42,26 +43,34 @@ class StepCatalog:
         return self.tier.list(layout.step_dir(self.namespace, step))
 
     def commit(self, step: int) -> CommitRecord | None:
-        """The step's commit record; None when uncommitted, corrupt or foreign (logged)."""
+        """The step's commit record; None when uncommitted, corrupt or foreign (logged once)."""
+        record, problem = self.read_commit(step)
+        if problem is not None:
+            warn_once(
+                self.log,
+                ("ignored-commit", self.tier.url, self.namespace, str(step)),
+                f"Ignoring step {step} in the {self.tier.name} tier: {problem}",
+            )
+        return record
+
+    def read_commit(self, step: int) -> tuple[CommitRecord | None, str | None]:
+        """``(record, None)``, ``(None, None)`` when there is no COMMIT, or ``(None, why)``
+        when there is one this tierckpt cannot use (corrupt, newer format, foreign)."""
         where = f"{self.tier.url}/{self.key(step, layout.COMMIT_NAME)}"
         try:
             data = self.tier.read(self.key(step, layout.COMMIT_NAME))
         except KeyNotFoundError:
-            return None
+            return None, None
         try:
             record = CommitRecord.from_json(data, where=where)
         except IntegrityError as e:
-            self.log.warning("Ignoring step %d in the %s tier: %s", step, self.tier.name, e)
-            return None
+            return None, str(e)
         if record.step != step or record.namespace != self.namespace:
-            self.log.warning(
-                "Ignoring %s: it records namespace %r step %d (a foreign or moved file).",
-                where,
-                record.namespace,
-                record.step,
+            return None, (
+                f"{where} records namespace {record.namespace!r} step {record.step} "
+                "(a foreign or moved file)."
             )
-            return None
-        return record
+        return record, None
 
     def committed(self) -> dict[int, CommitRecord]:
         """Committed steps and their records."""

@@ -9,13 +9,15 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, layout
 from .catalog import StepCatalog
+from .cleanup import step_names
 from .config import CheckpointConfig
 from .errors import IntegrityError, TierckptError
+from .history import newest_key
 from .manifest import checksum
 from .resume import resume_pending
-from .retention import drain_pending
+from .retention import abandoned_steps, drain_pending
 from .tiers.base import Tier
 from .tiers.durable import open_durable_tier
 from .tiers.memory import MemoryTier, open_memory_tier
@@ -37,8 +39,17 @@ def _tiers(cfg: CheckpointConfig) -> list[Tier]:
     return [open_memory_tier(cfg), open_durable_tier(cfg, create=False)]
 
 
+def _foreign_note(names: list[str]) -> str:
+    foreign = [n for n in names if not layout.is_ours(n)]
+    return (
+        f"; {len(foreign)} foreign file(s) left in place: {', '.join(foreign[:5])}"
+        if foreign
+        else ""
+    )
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
-    """List every step of a namespace in each tier."""
+    """List every step of a namespace in each tier, oldest save first (newest last)."""
     cfg = _config(args)
     log = logging.getLogger("tierckpt")
     print(f"namespace {cfg.namespace}")
@@ -48,18 +59,35 @@ def cmd_ls(args: argparse.Namespace) -> int:
         steps = cat.steps()
         if not steps:
             print("    (no steps)")
-        for step in steps:
-            record = cat.commit(step)
+        commits = {step: cat.read_commit(step) for step in steps}
+        committed = {s: r for s, (r, _) in commits.items() if r is not None}
+        gone = abandoned_steps(committed)
+        order = sorted(committed, key=lambda s: newest_key(s, committed[s].generation))
+        order += [s for s in steps if s not in committed]
+        for step in order:
+            record, problem = commits[step]
+            names = step_names(cat, step)
             files = cat.files(step)
             size = sum(files.values())
-            if record is None:
-                state = "uncommitted (invisible; removed by retention)"
+            if problem is not None:
+                state = f"unreadable commit (left in place): {problem}"
+            elif record is None and not any(layout.is_ours(n) for n in names):
+                state = "foreign (not written by tierckpt; left in place)"
+            elif record is None:
+                state = "uncommitted (invisible; removed by retention once abandoned)"
             else:
-                state = f"committed attempt {record.attempt}, {len(record.ranks)} ranks"
+                state = (
+                    f"committed attempt {record.attempt}, generation {record.generation}, "
+                    f"{len(record.ranks)} ranks"
+                )
+                if step in gone:
+                    state += ", abandoned by a later rewind (never loaded)"
                 if record.durable and isinstance(tier, MemoryTier):
                     state += (
                         ", durable drain pending" if drain_pending(record, files) else ", drained"
                     )
+            if problem is None and (record is not None or any(layout.is_ours(n) for n in names)):
+                state += _foreign_note(names)
             print(f"    step {step:>8}  {size / 2**20:10.1f} MiB  {state}")
     return 0
 
@@ -71,7 +99,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     bad = 0
     for tier in _tiers(cfg):
         cat = StepCatalog(tier, cfg.namespace, log)
-        record = cat.commit(args.step)
+        record, problem = cat.read_commit(args.step)
+        names = step_names(cat, args.step)
+        foreign = [n for n in names if not layout.is_ours(n)]
+        if foreign:
+            print(
+                f"{tier.name:8} step {args.step}: {len(foreign)} foreign file(s), not written by "
+                f"tierckpt (left in place): {', '.join(foreign)}"
+            )
+        if problem is not None:
+            bad += 1
+            print(f"{tier.name:8} step {args.step}: unreadable commit (left in place): {problem}")
+            continue
         if record is None:
             print(f"{tier.name:8} step {args.step}: not committed here")
             continue

@@ -1,7 +1,11 @@
-"""Durable-tier retention: keep the newest K steps (and every Mth), sweep stray uploads.
+"""Durable-tier retention: keep the newest K saves (and every Mth step), sweep stray uploads.
 
 Runs in the background after each durable commit; a failed delete is logged, not raised.
-A step is deleted commit-first, so it turns invisible before its files go.
+A step is deleted commit-first, so it turns invisible before its files go. Saves a rewind
+abandoned go first; only names tierckpt writes are deleted, and never those of an attempt
+still in use (a lease on this node, a memory commit still draining, an upload this
+process coordinates). A step with an unreadable commit and files tierckpt did not write
+are left in place and reported.
 """
 
 from __future__ import annotations
@@ -10,7 +14,18 @@ import logging
 
 from . import layout
 from .catalog import StepCatalog
+from .cleanup import (
+    live_attempts,
+    remove_dir_if_empty,
+    remove_files,
+    step_names,
+    warn_foreign,
+    warn_unreadable,
+)
 from .config import CheckpointConfig
+from .history import newest_key, uploading
+from .manifest import CommitRecord
+from .retention import abandoned_steps
 from .tiers.base import Tier
 from .tiers.memory import MemoryTier
 
@@ -18,59 +33,85 @@ __all__ = ["durable_steps_to_keep", "sweep_durable"]
 
 
 def durable_steps_to_keep(
-    steps: list[int], keep_last: int | None, keep_every: int | None
+    committed: dict[int, CommitRecord], keep_last: int | None, keep_every: int | None
 ) -> set[int]:
-    """The committed durable steps that retention keeps."""
+    """The committed durable steps that retention keeps.
+
+    Without ``keep_last`` every step. Else the ``keep_last`` newest saves (by generation)
+    that no rewind abandoned, plus those of them whose step is a multiple of ``keep_every``.
+    """
     if keep_last is None:
-        return set(steps)
-    keep = set(sorted(steps)[-keep_last:])
+        return set(committed)
+    gone = abandoned_steps(committed)
+    kept = sorted(
+        (s for s in committed if s not in gone),
+        key=lambda s: newest_key(s, committed[s].generation),
+    )
+    keep = set(kept[-keep_last:])
     if keep_every:
-        keep |= {s for s in steps if s % keep_every == 0}
+        keep |= {s for s in kept if s % keep_every == 0}
     return keep
+
+
+def _attempts(record: CommitRecord) -> set[str]:
+    return {record.attempt} | {r.attempt for r in record.ranks}
+
+
+def _in_use(
+    config: CheckpointConfig, durable_commits: dict[int, CommitRecord], log: logging.Logger
+) -> set[str]:
+    """Attempts whose durable files may still be uploading or needed for a drain."""
+    ns = config.namespace
+    memory = MemoryTier(config.memory_root or "")
+    out = live_attempts(memory, ns)
+    for step, record in StepCatalog(memory, ns, log).committed().items():
+        durable = durable_commits.get(step)
+        if record.durable and (durable is None or durable.attempt != record.attempt):
+            out |= _attempts(record)  # its drain may still be under way
+    out |= uploading(ns, {s: r.attempt for s, r in durable_commits.items()})
+    return out
 
 
 def sweep_durable(config: CheckpointConfig, durable: Tier, log: logging.Logger) -> list[int]:
     """Apply durable retention and remove stray objects; returns the steps deleted."""
     ns = config.namespace
     catalog = StepCatalog(durable, ns, log)
-    memory = StepCatalog(MemoryTier(config.memory_root or ""), ns, log)
     deleted: list[int] = []
     try:
-        committed = catalog.committed()
+        steps = catalog.steps()
+        commits = {step: catalog.read_commit(step) for step in steps}
     except Exception as e:
         log.warning("Durable retention skipped: listing %s failed: %s", durable.url, e)
         return deleted
-    keep = durable_steps_to_keep(
-        sorted(committed), config.durable_keep_last, config.durable_keep_every
-    )
-    newest = max(committed) if committed else None
-    for step in catalog.steps():
+    committed = {s: r for s, (r, _) in commits.items() if r is not None}
+    keep = durable_steps_to_keep(committed, config.durable_keep_last, config.durable_keep_every)
+    in_use = _in_use(config, committed, log)
+    newest = max(committed, key=lambda s: newest_key(s, committed[s].generation), default=None)
+    highest = max(committed, default=None)
+    for step in steps:
+        record, problem = commits[step]
         try:
-            if step in committed:
-                if step not in keep:
-                    durable.delete(catalog.key(step, layout.COMMIT_NAME))
-                    durable.delete_prefix(layout.step_dir(ns, step))
-                    deleted.append(step)
-                    log.info("Durable retention deleted step %d from %s.", step, durable.url)
-                elif step != newest:
-                    _delete_superseded(catalog, step, committed[step].files())
-            elif newest is not None and step < newest and not _draining(memory, step):
-                log.info(
-                    "Removing stray objects of uncommitted step %d from %s.", step, durable.url
-                )
-                durable.delete_prefix(layout.step_dir(ns, step))
+            if problem is not None:
+                warn_unreadable(catalog, step, problem, log)
+                continue
+            names = step_names(catalog, step)
+            if record is not None and step not in keep:
+                durable.delete(catalog.key(step, layout.COMMIT_NAME))
+                remove_files(catalog, step, names, keep=in_use - _attempts(record))
+                remove_dir_if_empty(catalog, step)
+                deleted.append(step)
+                log.info("Durable retention deleted step %d from %s.", step, durable.url)
+            elif record is not None and step != newest:
+                remove_files(catalog, step, names, keep=in_use | _attempts(record))
+            elif record is None and highest is not None and step < highest:
+                # Uploads of saves above every committed step may still be under way on
+                # another node; those wait for a later commit.
+                if remove_files(catalog, step, names, keep=in_use):
+                    log.info(
+                        "Removed stray objects of uncommitted step %d from %s.", step, durable.url
+                    )
+                remove_dir_if_empty(catalog, step)
+            warn_foreign(catalog, step, names, log)
         except Exception as e:
             log.warning("Durable retention could not clean step %d in %s: %s", step, durable.url, e)
     return deleted
-
-
-def _draining(memory: StepCatalog, step: int) -> bool:
-    """True when the memory tier holds a durable step whose upload may still be under way."""
-    record = memory.commit(step)
-    return record is not None and record.durable
-
-
-def _delete_superseded(catalog: StepCatalog, step: int, live: dict[str, int]) -> None:
-    for name in catalog.files(step):
-        if name != layout.COMMIT_NAME and name not in live and layout.attempt_of(name):
-            catalog.tier.delete(catalog.key(step, name))

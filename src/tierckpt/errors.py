@@ -10,6 +10,7 @@ __all__ = [
     "IntegrityError",
     "InvalidStepError",
     "MemoryBudgetError",
+    "StepUnloadableError",
     "TierFullError",
     "TierckptError",
     "UnsafeMemoryRootError",
@@ -39,6 +40,11 @@ class CheckpointNotFoundError(TierckptError, FileNotFoundError):
 
 class IntegrityError(TierckptError):
     """Stored bytes failed their checksum, or a file is corrupt or foreign, in every tier."""
+
+
+class StepUnloadableError(IntegrityError):
+    """A blob of the chosen step has no valid copy in any tier; the step is marked so that
+    the next load with ``step=None`` falls back to the step before it."""
 
 
 class TierFullError(TierckptError):

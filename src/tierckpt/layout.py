@@ -8,7 +8,10 @@ A step lives under ``<namespace>/step_<N>/`` in every tier:
     <attempt>-r<rank>.unpinned       memory tier only: that rank's failed drain was given up
     <attempt>-r<rank>.failed         durable tier only: that rank's upload failed (it retries)
     <attempt>.metadata               DCP metadata (written by the coordinator)
+    <attempt>.unloadable-r<rank>     memory tier only: that rank found no valid copy of a blob
     COMMIT                           the commit record, written last
+
+Only names :func:`is_ours` recognises are ever deleted by tierckpt.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ __all__ = [
     "data_name",
     "drained_name",
     "failed_name",
+    "is_ours",
+    "is_unloadable_mark",
     "manifest_name",
     "metadata_name",
     "new_attempt_id",
@@ -36,12 +41,17 @@ __all__ = [
     "step_from_path",
     "step_key",
     "unpinned_name",
+    "unloadable_name",
 ]
 
 COMMIT_NAME = "COMMIT"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _STEP_IN_PATH = re.compile(r"(?:^|[/\\])step_(\d+)(?:$|[/\\])")
 _ATTEMPT = re.compile(r"^[0-9a-f]{12}$")
+_OURS = re.compile(
+    r"^(?:COMMIT|[0-9a-f]{12}(?:-r\d+\.(?:data|manifest\.json|drained|unpinned|failed)"
+    r"|\.metadata|\.unloadable-r\d+))(?:\.tmp-\d+(?:-[0-9a-f]+)?)?$"
+)
 
 
 def new_attempt_id() -> str:
@@ -97,6 +107,21 @@ def parse_manifest_name(name: str) -> tuple[str, int] | None:
 
 def metadata_name(attempt: str) -> str:
     return f"{attempt}.metadata"
+
+
+def unloadable_name(attempt: str, rank: int) -> str:
+    """Marker: ``rank`` found a blob of this attempt with no valid copy in any tier."""
+    return f"{attempt}.unloadable-r{rank}"
+
+
+def is_unloadable_mark(name: str, attempt: str) -> bool:
+    """True for an :func:`unloadable_name` marker of ``attempt`` (any rank)."""
+    return re.match(rf"^{re.escape(attempt)}\.unloadable-r\d+$", name) is not None
+
+
+def is_ours(name: str) -> bool:
+    """True for the name of a file tierckpt writes in a step directory (or its temporary)."""
+    return _OURS.match(name) is not None
 
 
 def attempt_of(name: str) -> str | None:

@@ -1,8 +1,9 @@
 """Memory-tier retention: keep the newest steps, stay under the budget, sweep debris.
 
-Rules (DESIGN invariant 5): the newest committed step is never evicted, nor a step
-whose durable drain is still pending. Half-written steps older than the newest
-committed one, and files of superseded attempts, are removed.
+Rules (DESIGN invariants 5, 8, 9): the newest save (highest generation) is never evicted,
+nor a step whose durable drain is still pending; saves a rewind abandoned go first.
+Half-written steps (no COMMIT, attempts whose leases are not live) and files of superseded
+attempts are removed; only names tierckpt writes are ever deleted.
 """
 
 from __future__ import annotations
@@ -12,24 +13,59 @@ import logging
 from . import layout
 from ._faults import crash_point
 from .catalog import StepCatalog
+from .cleanup import (
+    live_attempts,
+    remove_dir_if_empty,
+    remove_files,
+    step_names,
+    warn_foreign,
+    warn_unreadable,
+)
 from .errors import MemoryBudgetError
+from .history import abandoned, newest_key
 from .manifest import CommitRecord
 from .staging import StagingPool, release_deleted_mappings
 from .tiers.memory import MemoryTier
 
-__all__ = ["drain_pending", "evict", "make_room", "sweep"]
+__all__ = ["abandoned_steps", "drain_pending", "evict", "make_room", "sweep"]
 
 
-def evict(catalog: StepCatalog, step: int) -> None:
-    """Remove a step from the memory tier, recycling its data files as staging buffers."""
+def evict(
+    catalog: StepCatalog,
+    step: int,
+    record: CommitRecord | None = None,
+    live: set[str] | None = None,
+) -> None:
+    """Remove a committed step: its COMMIT first (invisible), then the files tierckpt wrote.
+
+    Data files go to the staging pool. Files of other live attempts (a re-save of this step
+    under way) and files tierckpt did not write stay; the directory goes once it is empty.
+    ``record``, when given, must still be the step's commit (else nothing is evicted).
+    """
     tier = catalog.tier
+    if live is None:
+        live = live_attempts(tier, catalog.namespace) if isinstance(tier, MemoryTier) else set()
+    current, _ = catalog.read_commit(step)
+    if record is not None and (current is None or current.attempt != record.attempt):
+        return  # re-committed (or gone) since the decision: not ours to evict now
+    keep = set(live)
+    if current is not None:
+        keep -= {current.attempt} | {r.attempt for r in current.ranks}
+    tier.delete(catalog.key(step, layout.COMMIT_NAME))
+    names = step_names(catalog, step)
     if isinstance(tier, MemoryTier):
         pool = StagingPool(tier, catalog.namespace)
-        data = [n for n in catalog.files(step) if n.endswith(".data")]
+        data = [
+            n
+            for n in names
+            if n.endswith(".data") and layout.is_ours(n) and layout.attempt_of(n) not in keep
+        ]
         for name in data:
             pool.recycle(tier.path(catalog.key(step, name)), keep=len(data))
     crash_point("evict.mid")
-    tier.delete_prefix(layout.step_dir(catalog.namespace, step))
+    remove_files(catalog, step, step_names(catalog, step), keep=keep)
+    warn_foreign(catalog, step, names, catalog.log)
+    remove_dir_if_empty(catalog, step)
 
 
 def drain_pending(record: CommitRecord, listing: dict[str, int]) -> bool:
@@ -49,42 +85,85 @@ def drain_pending(record: CommitRecord, listing: dict[str, int]) -> bool:
     )
 
 
+def abandoned_steps(committed: dict[int, CommitRecord]) -> set[int]:
+    """Committed steps of one tier that a later save at the same or a lower step abandons."""
+    saves = ((s, r.attempt, r.generation) for s, r in committed.items())
+    return {step for step, _ in abandoned(saves)}
+
+
 def _evictable(catalog: StepCatalog, committed: dict[int, CommitRecord]) -> list[int]:
-    """Committed steps that may be evicted, oldest first."""
+    """Committed steps that may be evicted: abandoned ones first, then oldest save first.
+
+    Never the newest save (highest generation), nor a step whose drain is pending.
+    """
     if not committed:
         return []
-    newest = max(committed)
-    out = []
-    for step in sorted(committed):
-        if step == newest:
+    order = sorted(committed, key=lambda s: newest_key(s, committed[s].generation))
+    newest = order[-1]
+    gone = abandoned_steps(committed)
+    out = [s for s in order if s != newest and not drain_pending(committed[s], catalog.files(s))]
+    return [s for s in out if s in gone] + [s for s in out if s not in gone]
+
+
+def _scan(catalog: StepCatalog, live: set[str], log: logging.Logger) -> dict[int, CommitRecord]:
+    """Committed steps; removes half-written ones (no COMMIT, attempts not live) on the way.
+
+    A step whose COMMIT cannot be parsed is left alone, and so is every file tierckpt did
+    not write: both are reported once.
+    """
+    committed: dict[int, CommitRecord] = {}
+    for step in catalog.steps():
+        record, problem = catalog.read_commit(step)
+        if problem is not None:
+            warn_unreadable(catalog, step, problem, log)
             continue
-        if drain_pending(committed[step], catalog.files(step)):
+        if record is not None:
+            committed[step] = record
             continue
-        out.append(step)
-    return out
+        names = step_names(catalog, step)
+        stale = [
+            n
+            for n in names
+            if n != layout.COMMIT_NAME and layout.is_ours(n) and layout.attempt_of(n) not in live
+        ]
+        if stale:
+            log.info(
+                "Removing half-written step %d from the memory tier (its attempts %s are no "
+                "longer live).",
+                step,
+                sorted({layout.attempt_of(n) or n for n in stale}),
+            )
+            remove_files(catalog, step, stale, keep=live)
+        warn_foreign(catalog, step, names, log)
+        remove_dir_if_empty(catalog, step)
+    return committed
 
 
 def sweep(catalog: StepCatalog, keep_last: int, log: logging.Logger) -> int:
-    """Apply ``keep_last``, remove half-written steps and superseded attempt files.
+    """Apply ``keep_last`` (abandoned saves go first and do not count), remove half-written
+    steps of attempts no longer live, and files of superseded attempts.
 
     Returns how many committed steps remain.
     """
     tier = catalog.tier
+    live: set[str] = set()
     if isinstance(tier, MemoryTier):
         StagingPool(tier, catalog.namespace).sweep_orphans()
-    committed = catalog.committed()
-    newest = max(committed) if committed else None
-    for step in catalog.steps():
-        if step in committed:
+        live = live_attempts(tier, catalog.namespace)
+    committed = _scan(catalog, live, log)
+    gone = abandoned_steps(committed)
+    excess = len(committed) - len(gone) - keep_last
+    for step in _evictable(catalog, committed):
+        if step in gone:
+            log.info("Evicting step %d from the memory tier: a later save rewound past it.", step)
+        elif excess > 0:
+            excess -= 1
+            log.info(
+                "Evicting step %d from the memory tier (memory_keep_last=%d).", step, keep_last
+            )
+        else:
             continue
-        if newest is not None and step < newest:
-            log.info("Removing half-written step %d from the memory tier.", step)
-            tier.delete_prefix(layout.step_dir(catalog.namespace, step))
-    evictable = _evictable(catalog, committed)
-    excess = len(committed) - keep_last
-    for step in evictable[: max(excess, 0)]:
-        log.info("Evicting step %d from the memory tier (memory_keep_last=%d).", step, keep_last)
-        evict(catalog, step)
+        evict(catalog, step, committed[step], live)
         del committed[step]
     for step, record in committed.items():
         _remove_superseded(catalog, step, record)

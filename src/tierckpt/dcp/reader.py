@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import pickle
@@ -12,6 +13,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -22,16 +24,24 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 
+from .. import errors as _errors
 from .. import layout
 from .._log import logger_for, rate, step_message
 from ..catalog import StepCatalog, StepSource
 from ..config import CheckpointConfig, require_config
-from ..errors import CheckpointNotFoundError, IntegrityError, TierckptError
+from ..errors import (
+    CheckpointNotFoundError,
+    DurableUnavailableError,
+    IntegrityError,
+    StepUnloadableError,
+    TierckptError,
+)
+from ..history import abandoned, mark_unloadable, marked_unloadable, newest_key, observe
 from ..manifest import BlobInfo, checksum
 from ..resume import resume_pending_once
 from ..tiers.base import Buffer, KeyNotFoundError, Tier
 from ..tiers.durable import open_durable_tier
-from ..tiers.memory import open_memory_tier
+from ..tiers.memory import MemoryTier
 
 __all__ = ["TieredStorageReader"]
 
@@ -39,6 +49,33 @@ _Choice = tuple[int, str]  # (step, attempt)
 _Fetched = tuple[Buffer | None, int, str]
 """A blob as read from a tier: its bytes (None when read straight into its target), their
 length and the xxh3-128 of exactly those bytes."""
+
+
+@dataclass
+class _View:
+    """What one rank found, exchanged in the agreement."""
+
+    restorable: dict[_Choice, int] = field(default_factory=dict)
+    """(step, attempt) -> generation of every save this rank can restore from some tier."""
+    saves: set[tuple[int, str, int]] = field(default_factory=set)
+    """(step, attempt, generation) of every commit this rank sees (rewinds abandon some)."""
+    unloadable: dict[_Choice, str] = field(default_factory=dict)
+    """Saves this rank (or its node) found a blob of with no valid copy anywhere, and why."""
+    durable_error: str | None = None
+    """Why the durable tier did not answer on this rank (it then counts as empty)."""
+    error: tuple[list[str], str] | None = None
+    """(names of the error's classes, message) when building the view failed."""
+
+
+def _same_error(errors: list[tuple[list[str], str]]) -> TierckptError:
+    """One typed error for every rank: the first rank's tierckpt class, every rank's message."""
+    cls: type[TierckptError] = TierckptError
+    for name in errors[0][0]:
+        found = getattr(_errors, name, None)
+        if isinstance(found, type) and issubclass(found, TierckptError):
+            cls = found
+            break
+    return cls("Finding checkpoints failed: " + "; ".join(msg for _, msg in errors))
 
 
 class TieredStorageReader(StorageReader):
@@ -68,10 +105,13 @@ class TieredStorageReader(StorageReader):
         self.bytes_read_by_tier: dict[str, int] = {"memory": 0, "durable": 0}
         self.rank = dist.get_rank() if _dist_ready() else 0
         self.log = logger_for(config)
-        self.memory = open_memory_tier(config)  # refuses an untrusted root; creates nothing
-        self.durable = open_durable_tier(config, create=False)
+        self.memory = MemoryTier(config.memory_root or "")
+        # Opened lazily: memory restores never wait for the durable tier to answer.
+        self.durable = open_durable_tier(config, check=False)
         self.tiers: list[Tier] = [self.memory, self.durable]
-        resume_pending_once(config)
+        self.attempt: str | None = None
+        self._durable_error: str | None = None
+        self._durable_checked = False
         self._metadata: Metadata | None = None
         self._storage_data: dict[Any, BlobInfo] = {}
         self._count_lock = threading.Lock()
@@ -80,18 +120,50 @@ class TieredStorageReader(StorageReader):
 
     # -- choosing the step --
 
-    def _sources(self) -> dict[_Choice, StepSource]:
-        """Every (step, attempt) this rank can restore, with the tier holding its commit."""
-        catalogs = [StepCatalog(t, self.config.namespace, self.log) for t in self.tiers]
+    def _check_durable(self) -> str | None:
+        """Whether the durable tier answers (once per reader); an outage is logged, not raised.
+
+        An unreachable durable tier counts as empty: memory restores go on without it.
+        """
+        if self._durable_checked:
+            return self._durable_error
+        self._durable_checked = True
+        check = getattr(self.durable, "check_available", None)
+        try:
+            if check is not None:
+                check(create=False)  # a reader creates nothing
+        except Exception as e:
+            self._durable_error = f"{type(e).__name__}: {e}"
+            self.tiers = [self.memory]
+            self.log.warning(
+                f"[Rank {self.rank}] The durable tier {self.durable.url} is unreachable ({e}); "
+                "this rank restores from the memory tier alone."
+            )
+            return self._durable_error
+        try:
+            resume_pending_once(self.config)
+        except Exception as e:
+            self.log.warning(f"Resuming pending durable drains failed: {e}")
+        return None
+
+    def _sources(self) -> tuple[dict[_Choice, StepSource], _View]:
+        """Every (step, attempt) this rank can restore, with the tier holding its commit;
+        and this rank's view for the agreement."""
+        ns = self.config.namespace
+        self.memory.check_trusted(ns)  # inside the gathered part: every rank sees a refusal
+        view = _View(durable_error=self._check_durable())
+        catalogs = [StepCatalog(t, ns, self.log) for t in self.tiers]
         records: dict[_Choice, StepSource] = {}
         listings: dict[tuple[str, int], dict[str, int]] = {}
         steps = sorted({s for c in catalogs for s in c.steps()}, reverse=True)
-        if self.requested_step is not None:
-            steps = [s for s in steps if s == self.requested_step]
         for step in steps:
             for cat in catalogs:
                 record = cat.commit(step)
-                if record is None or (step, record.attempt) in records:
+                if record is None:
+                    continue
+                choice = (step, record.attempt)
+                view.saves.add((step, record.attempt, record.generation))
+                if choice in records or self.requested_step not in (None, step):
                     continue
                 missing = set(record.files())
                 for other in catalogs:
@@ -108,31 +180,87 @@ class TieredStorageReader(StorageReader):
                         )
                     )
                     continue
-                records[(step, record.attempt)] = StepSource(cat.tier, record)
-        return records
+                records[choice] = StepSource(cat.tier, record)
+                view.restorable[choice] = record.generation
+                why = self._unloadable(step, record.attempt, listings[(self.memory.name, step)])
+                if why is not None:
+                    view.unloadable[choice] = why
+        return records, view
+
+    def _unloadable(self, step: int, attempt: str, listing: dict[str, int]) -> str | None:
+        """Why this rank or its node could not load that attempt before, or None."""
+        if marked_unloadable(self.config.namespace, step, attempt):
+            return "this process found a blob with no valid copy in any tier"
+        for name in sorted(n for n in listing if layout.is_unloadable_mark(n, attempt)):
+            try:
+                raw = self.memory.read(layout.step_key(self.config.namespace, step, name))
+                return str(json.loads(bytes(raw))["reason"])
+            except Exception:
+                return f"marked by {name}"
+        return None
 
     def _resolve(self) -> None:
-        """Agree with every rank on (step, attempt), then read that step's DCP metadata."""
-        error: str | None = None
+        """Agree with every rank on (step, attempt), then read that step's DCP metadata.
+
+        Everything a rank finds (or fails to find) travels in one ``all_gather_object``, so
+        every rank raises the same typed error, or every rank chooses the same save: the
+        newest (by generation) that every rank can restore, that no rewind abandoned and
+        that no rank found unloadable (unless that step was asked for by number).
+        """
         sources: dict[_Choice, StepSource] = {}
+        view = _View()
         try:
-            sources = self._sources()
+            sources, view = self._sources()
         except Exception as e:  # surfaced after the collective, on every rank
-            error = f"rank {self.rank}: {type(e).__name__}: {e}"
-        gathered: list[Any] = [(set(sources), error)]
+            view.error = (
+                [c.__name__ for c in type(e).__mro__],
+                f"rank {self.rank}: {type(e).__name__}: {e}",
+            )
+        gathered: list[Any] = [view]
         if _dist_ready():
             group = self.process_group
             gathered = [None] * dist.get_world_size(group)
-            dist.all_gather_object(gathered, (set(sources), error), group=group)
-        errors = [err for _, err in gathered if err]
+            dist.all_gather_object(gathered, view, group=group)
+        errors = [v.error for v in gathered if v.error]
         if errors:
-            raise TierckptError("Finding checkpoints failed: " + "; ".join(errors))
-        common: set[_Choice] = set.intersection(*(s for s, _ in gathered))
-        if not common:
-            raise self._not_found(sources)
-        choice = max(common)
+            raise _same_error(errors)
+        gone = abandoned(s for v in gathered for s in v.saves)
+        generation = {c: g for v in gathered for c, g in v.restorable.items()}
+        common: set[_Choice] = set.intersection(*(set(v.restorable) for v in gathered)) - gone
+        marks: dict[_Choice, list[str]] = defaultdict(list)
+        for rank, v in enumerate(gathered):
+            for c, why in v.unloadable.items():
+                marks[c].append(f"rank {rank}: {why}")
+        candidates = common if self.requested_step is not None else common - set(marks)
+        if not candidates:
+            raise self._not_found(sources, gathered, gone, marks)
+
+        def key(c: _Choice) -> tuple[int, int, str]:
+            return newest_key(c[0], generation[c], c[1])
+
+        choice = max(candidates, key=key)
+        for c in sorted(set(marks) & common - candidates):
+            if key(c) > key(choice):
+                self.log.warning(
+                    step_message(
+                        self.rank,
+                        c[0],
+                        f"Skipping step {c[0]} (attempt {c[1]}): it cannot be loaded "
+                        f"({'; '.join(marks[c])}). Falling back to step {choice[0]}.",
+                    )
+                )
+        newer_abandoned = sorted({s for s, _ in gone if s > choice[0]})
+        if newer_abandoned:
+            self.log.info(
+                step_message(
+                    self.rank,
+                    choice[0],
+                    f"Steps {newer_abandoned} belong to saves a later rewind abandoned; skipped.",
+                )
+            )
         source = sources[choice]
-        self.step = choice[0]
+        self.step, self.attempt = choice
+        observe(self.config.namespace, generation[choice])
         self._metadata = self._read_metadata(source)
         self.log.info(
             step_message(
@@ -142,22 +270,43 @@ class TieredStorageReader(StorageReader):
             )
         )
 
-    def _not_found(self, local: dict[_Choice, StepSource]) -> CheckpointNotFoundError:
+    def _not_found(
+        self,
+        local: dict[_Choice, StepSource],
+        gathered: list[_View],
+        gone: set[_Choice],
+        marks: dict[_Choice, list[str]],
+    ) -> TierckptError:
         where = f"memory ({self.memory.root}) or durable ({self.durable.url})"
         ns = self.config.namespace
+        outages = [
+            f"rank {r}: {v.durable_error}" for r, v in enumerate(gathered) if v.durable_error
+        ]
+        if outages:
+            return DurableUnavailableError(
+                f"No step of namespace {ns!r} is restorable by every rank, and the durable tier "
+                f"is unreachable on {'; '.join(outages)}. Fix the durable tier (or its "
+                "configuration) on those ranks, or restore from a memory tier that holds a "
+                "complete step."
+            )
+        why = ""
+        if marks:
+            why += f" Unloadable: {sorted(s for s, _ in marks)}."
+        if gone:
+            why += f" Abandoned by a later rewind: {sorted({s for s, _ in gone})}."
         if self.requested_step is not None:
             return CheckpointNotFoundError(
                 f"Step {self.requested_step} of namespace {ns!r} is not restorable by every rank from "
-                f"{where}: it is uncommitted, was evicted, or lost files. Load another step or pass step=None."
+                f"{where}: it is uncommitted, was evicted, or lost files.{why} Load another step or pass step=None."
             )
         if local:
             return CheckpointNotFoundError(
                 f"No step of namespace {ns!r} is restorable by every rank (this rank could load "
-                f"{sorted(s for s, _ in local)}); check that every node sees the durable tier {self.durable.url}."
+                f"{sorted(s for s, _ in local)}); check that every node sees the durable tier {self.durable.url}.{why}"
             )
         return CheckpointNotFoundError(
             f"No committed checkpoint of namespace {ns!r} in {where}: start from scratch or check "
-            "namespace, memory_root and durable_base_path."
+            f"namespace, memory_root and durable_base_path.{why}"
         )
 
     def _read_metadata(self, source: StepSource) -> Metadata:
@@ -228,8 +377,11 @@ class TieredStorageReader(StorageReader):
                 if self._direct_ok(item, target):
                     direct[id(item)] = target
         workers = max(1, min(8, len(per_file)))
-        with ThreadPoolExecutor(workers, thread_name_prefix="tierckpt-read") as pool:
-            loaded = list(pool.map(partial(self._read_file, direct=direct), per_file.items()))
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="tierckpt-read") as pool:
+                loaded = list(pool.map(partial(self._read_file, direct=direct), per_file.items()))
+        except IntegrityError as e:
+            raise self._mark_unloadable(e) from e
         for items in loaded:
             for item, buf in items:
                 if buf is None:  # read straight into its target and verified there
@@ -250,6 +402,31 @@ class TieredStorageReader(StorageReader):
         fut: torch.futures.Future[None] = torch.futures.Future()
         fut.set_result(None)
         return fut
+
+    def _mark_unloadable(self, error: IntegrityError) -> StepUnloadableError:
+        """Record that this rank cannot load the chosen step, so the next agreement skips it.
+
+        The marker ``<attempt>.unloadable-r<rank>`` goes into the step's directory in this
+        node's memory tier (and this process remembers it).
+        """
+        assert self.step is not None and self.attempt is not None
+        ns = self.config.namespace
+        mark_unloadable(ns, self.step, self.attempt)
+        name = layout.unloadable_name(self.attempt, self.rank)
+        body = {"rank": self.rank, "step": self.step, "attempt": self.attempt}
+        try:
+            self.memory.ensure_root()
+            self.memory.write(
+                layout.step_key(ns, self.step, name),
+                [json.dumps({**body, "reason": str(error), "time": time.time()}).encode()],
+            )
+            where = f"marked unloadable ({name} in the memory tier {self.memory.root})"
+        except Exception as e:
+            where = f"marked unloadable in this process (writing {name} failed: {e})"
+        return StepUnloadableError(
+            f"{error} Step {self.step} is now {where}: the next load with step=None falls back "
+            "to the newest step before it (tierckpt.load does so at once)."
+        )
 
     def _direct_ok(self, item: ReadItem, target: torch.Tensor) -> bool:
         """True when a blob maps byte for byte onto its (contiguous CPU) target tensor."""

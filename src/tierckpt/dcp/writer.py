@@ -34,6 +34,7 @@ from ..drain import (
 )
 from ..durable_retention import sweep_durable
 from ..errors import ConfigError, DurableTierError, InvalidStepError, TierckptError
+from ..history import begin_upload, newest_key, next_generation
 from ..leases import AttemptLease, lease_name
 from ..manifest import BlobInfo, CommitRecord, RankEntry, RankManifest, checksum, rank_manifest
 from ..resume import note_failure, note_success, resume_pending_once
@@ -53,7 +54,9 @@ class _LocalPlanData:
     step: int
     attempt: str
     newest_committed: tuple[int, str] | None
-    """(step, attempt) of the newest commit in this rank's memory tier."""
+    """(step, attempt) of the newest commit (by generation) in this rank's memory tier."""
+    newest_generation: int = 0
+    """The highest generation among the commits in this rank's memory tier."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         self._lease: AttemptLease | None = None
         self._watching = False
         self._rank_attempts: dict[int, str] = {}
+        self._generation = 0
         self._upload: Future[int] | None = None
         self._staging: StagingBuffer | None = None
         self._private: PrivateBuffer | None = None
@@ -209,14 +213,14 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         assert self.step is not None
         catalog = StepCatalog(self.memory, self.config.namespace, logger_for(self.config))
-        newest = None
-        for step in reversed(catalog.steps()):
-            record = catalog.commit(step)
-            if record is not None:
-                newest = (record.step, record.attempt)
-                break
+        records = list(catalog.committed().values())
+        top = max(records, key=lambda r: newest_key(r.step, r.generation), default=None)
         data = _LocalPlanData(
-            rank=self.rank, step=self.step, attempt=self.attempt, newest_committed=newest
+            rank=self.rank,
+            step=self.step,
+            attempt=self.attempt,
+            newest_committed=(top.step, top.attempt) if top is not None else None,
+            newest_generation=top.generation if top is not None else 0,
         )
         return dataclasses.replace(plan, storage_data=data)
 
@@ -239,6 +243,11 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
                 "saving: set world_size=dist.get_world_size()."
             )
         self._rank_attempts = {i.rank: i.attempt for i in infos}
+        ns = self.config.namespace
+        # "Newest" is the newest save: above the clock, every rank's tier and this process.
+        self._generation = next_generation(ns, (i.newest_generation for i in infos))
+        if self.save_to_durable:  # other nodes' uploads start before the memory commit
+            begin_upload(ns, self.step or 0, self.attempt, self._rank_attempts.values())
         # The memory commit is written on this (the coordinator's) node; ranks on other nodes
         # get the previous step's commit with this plan and install it in their own tier.
         last = _LAST_COMMIT.get((self.memory.root, self.config.namespace))
@@ -576,6 +585,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             ranks=ranks,
             durable=self._durable,
             metadata_checksum=checksum(md_bytes),
+            generation=self._generation,
         )
         catalog = StepCatalog(self.memory, ns, log)
         catalog.write_commit(record)

@@ -174,8 +174,10 @@ class S3Tier(Uploads, RangedReads):
             backoff_max_s=backoff_max_s,
         )
 
-    def check_available(self) -> None:
+    def check_available(self, *, create: bool = True) -> None:
         """Fail fast with :class:`DurableUnavailableError` if the bucket is missing or unreachable.
+
+        ``create`` is accepted for symmetry with the directory tier: a bucket is never created.
 
         One LIST request with a short timeout and one retry: a few seconds at most.
         """
