@@ -129,12 +129,15 @@ CASES = [
     Case("drain.after_durable_commit", 0, step=2, nth=1, mode="async"),
     # resume: the restart is killed inside its resume of the interrupted drain of step 4
     _pending_drain("resume.after_upload@0"),
-    _pending_drain("resume.after_upload@1"),
+    # rank 1 died between its data and its manifest: its part is surely pending (after a
+    # crash of rank 0 alone, rank 1's small upload may already have finished)
+    Case("drain.after_data", 1, step=4, nth=2, restart_crash="resume.after_upload@1"),
     _pending_drain("tier.before_put_rename@0#1"),  # re-upload of rank 0's data file
     _pending_drain("tier.before_put_rename@0#2"),  # the durable metadata, copied from memory
     _pending_drain("drain.after_durable_metadata@0"),
-    # the coordinator never started its durable commit: rank 1 dies resuming its part
-    Case("save.after_commit", 0, step=4, nth=4, restart_crash="resume.after_upload@1"),
+    # rank 1 died mid-upload of its part (so its part is surely pending; a crash of rank 0
+    # after its commit raced rank 1's small upload to completion): it dies again resuming it
+    Case("tier.before_put_rename", 1, step=4, nth=2, restart_crash="resume.after_upload@1"),
 ]
 
 

@@ -86,7 +86,6 @@ def sweep_durable(config: CheckpointConfig, durable: Tier, log: logging.Logger) 
     committed = {s: r for s, (r, _) in commits.items() if r is not None}
     keep = durable_steps_to_keep(committed, config.durable_keep_last, config.durable_keep_every)
     in_use = _in_use(config, committed, log)
-    newest = max(committed, key=lambda s: newest_key(s, committed[s].generation), default=None)
     highest = max(committed, default=None)
     for step in steps:
         record, problem = commits[step]
@@ -101,7 +100,10 @@ def sweep_durable(config: CheckpointConfig, durable: Tier, log: logging.Logger) 
                 remove_dir_if_empty(catalog, step)
                 deleted.append(step)
                 log.info("Durable retention deleted step %d from %s.", step, durable.url)
-            elif record is not None and step != newest:
+            elif record is not None:
+                # Superseded attempts' files. An attempt still uploading is in ``in_use``: the
+                # coordinator (which takes part in every save) holds its lease, its memory
+                # commit or its upload registration.
                 remove_files(catalog, step, names, keep=in_use | _attempts(record))
             elif record is None and highest is not None and step < highest:
                 # Uploads of saves above every committed step may still be under way on

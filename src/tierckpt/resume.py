@@ -114,7 +114,7 @@ def resume_pending(config: CheckpointConfig, *, rank: int | None = None) -> Futu
             if _retryable(config, memory, rank, log):
                 _ensure_retrier(config, rank)
 
-    return run_in_background(job, name="tierckpt-resume", wait_at_exit=False)
+    return run_in_background(job, name="tierckpt-resume", wait_at_exit=True)
 
 
 def resume_pending_once(config: CheckpointConfig) -> Future[list[int]] | None:

@@ -35,10 +35,13 @@ def evict(
     step: int,
     record: CommitRecord | None = None,
     live: set[str] | None = None,
+    *,
+    recycle: bool = True,
 ) -> None:
     """Remove a committed step: its COMMIT first (invisible), then the files tierckpt wrote.
 
-    Data files go to the staging pool. Files of other live attempts (a re-save of this step
+    Data files go to the staging pool (unless ``recycle`` is False: the budget needs the
+    bytes freed). Files of other live attempts (a re-save of this step
     under way) and files tierckpt did not write stay; the directory goes once it is empty.
     ``record``, when given, must still be the step's commit (else nothing is evicted).
     """
@@ -53,7 +56,7 @@ def evict(
         keep -= {current.attempt} | {r.attempt for r in current.ranks}
     tier.delete(catalog.key(step, layout.COMMIT_NAME))
     names = step_names(catalog, step)
-    if isinstance(tier, MemoryTier):
+    if isinstance(tier, MemoryTier) and recycle:
         pool = StagingPool(tier, catalog.namespace)
         data = [
             n
@@ -228,7 +231,7 @@ def make_room(catalog: StepCatalog, needed: int, budget: int | None, log: loggin
     for step in [None, *_evictable(catalog, committed)]:
         if step is not None:
             log.info("Evicting step %d from the memory tier to stay under the budget.", step)
-            tier.delete_prefix(layout.step_dir(catalog.namespace, step))
+            evict(catalog, step, committed[step], recycle=False)
         release_deleted_mappings()
         used = tier.usage_bytes()
         if used + needed <= budget:

@@ -29,7 +29,7 @@ import torch
 import xxhash
 
 from .errors import TierFullError
-from .leases import AttemptLease, is_live, lease_name
+from .leases import AttemptLease, is_live, lease_name, sweep_leases
 from .tiers.memory import MemoryTier
 
 __all__ = [
@@ -560,6 +560,7 @@ class StagingPool:
                 if e.name.startswith(_FILLING) and not is_live(self.ns_dir, e.name):
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(e.path)
+        sweep_leases(self.ns_dir)  # leases of writers that finished or died
 
 
 _RANK_OF_DATA = re.compile(r"-r(\d+)(?:\.data)?(?:-p\d+)?$")
