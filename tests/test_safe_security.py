@@ -320,8 +320,7 @@ def test_d10_a_tampered_manifest_is_not_resumed_into_the_durable_tier(
         resumed = resume_pending(cfg).result(timeout=60)
     assert 1 not in resumed
     assert any(
-        "IntegrityError" in r.getMessage() and "manifest" in r.getMessage()
-        for r in caplog.records
+        "IntegrityError" in r.getMessage() and "manifest" in r.getMessage() for r in caplog.records
     ), [r.getMessage() for r in caplog.records]
 
     dur = _step_dir(durable_dir, 1)
