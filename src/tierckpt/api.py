@@ -18,13 +18,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
 
 from .config import CheckpointConfig
+from .constants import MAX_LOAD_FALLBACKS
 from .dcp.reader import TieredStorageReader
 from .dcp.writer import TieredStorageWriter
 from .errors import StepUnloadableError, TierckptError
 
 __all__ = ["MAX_FALLBACKS", "async_save", "load", "save"]
 
-MAX_FALLBACKS = 3
+MAX_FALLBACKS = MAX_LOAD_FALLBACKS
 """How many unloadable steps one :func:`load` skips before it gives up."""
 
 

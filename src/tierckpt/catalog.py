@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from . import layout
+from ._faults import crash_point
 from ._log import warn_once
 from .errors import IntegrityError
 from .manifest import CommitRecord, RankEntry, RankManifest, checksum
@@ -82,8 +83,25 @@ class StepCatalog:
         return out
 
     def write_commit(self, record: CommitRecord) -> None:
-        """Make a step visible: the commit record is the last file written."""
+        """Write the commit record alone (its metadata is already in this tier)."""
         self.tier.write(self.key(record.step, layout.COMMIT_NAME), [record.to_json()])
+
+    def commit_step(
+        self, record: CommitRecord, metadata: bytes | str, *, after_metadata: str
+    ) -> None:
+        """The commit rule, in every tier: the DCP metadata, then the commit record, last.
+
+        ``metadata`` is its bytes, or the path of a local file holding them. Every file the
+        record needs is already in this tier (or in another tier the reader also sees);
+        ``after_metadata`` names the crash point between the two writes.
+        """
+        key = self.key(record.step, record.metadata)
+        if isinstance(metadata, str):
+            self.tier.put_file(key, metadata)
+        else:
+            self.tier.write(key, [metadata])
+        crash_point(after_metadata)
+        self.write_commit(record)
 
     def missing_files(
         self, record: CommitRecord, listing: dict[str, int] | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 
 from . import layout
 from ._log import warn_once
@@ -21,6 +22,7 @@ from .tiers.memory import MemoryTier
 
 __all__ = [
     "live_attempts",
+    "retire_step",
     "remove_dir_if_empty",
     "remove_files",
     "step_names",
@@ -66,6 +68,28 @@ def remove_files(catalog: StepCatalog, step: int, names: list[str], keep: set[st
         catalog.tier.delete(catalog.key(step, name))
         removed.append(name)
     return removed
+
+
+def retire_step(
+    catalog: StepCatalog,
+    step: int,
+    keep: set[str],
+    *,
+    before_files: Callable[[list[str]], None] | None = None,
+) -> list[str]:
+    """The reverse of the commit rule: the COMMIT goes first (the step turns invisible), then
+    the files tierckpt wrote, except those of attempts in ``keep``, then the emptied directory.
+
+    ``before_files(names)`` runs between the two (the memory tier recycles data files there).
+    Returns the names seen in the step before its files went.
+    """
+    catalog.tier.delete(catalog.key(step, layout.COMMIT_NAME))
+    names = step_names(catalog, step)
+    if before_files is not None:
+        before_files(names)
+    remove_files(catalog, step, step_names(catalog, step), keep=keep)
+    remove_dir_if_empty(catalog, step)
+    return names
 
 
 def remove_dir_if_empty(catalog: StepCatalog, step: int) -> None:

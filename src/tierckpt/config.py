@@ -8,6 +8,7 @@ import re
 from dataclasses import InitVar, dataclass, field
 from urllib.parse import urlparse
 
+from .constants import EXIT_WAIT_S
 from .errors import ConfigError
 
 __all__ = [
@@ -164,7 +165,7 @@ class CheckpointConfig:
     """Durable steps whose drain failed that stay pinned in this node's memory tier; past it
     the oldest is unpinned (logged as an ERROR): memory retention may then evict it and it
     never reaches the durable tier. The newest save is never the one unpinned."""
-    durable_exit_wait_s: float = 60.0
+    durable_exit_wait_s: float = EXIT_WAIT_S
     """At interpreter exit, how long to wait for durable drains still running; what is
     abandoned is logged and resumed by the next run (``resume_pending``)."""
     s3_tier_base_path: InitVar[str | None] = None

@@ -23,6 +23,7 @@ from . import layout
 from ._faults import crash_point
 from ._log import rate, step_message
 from .catalog import StepCatalog
+from .constants import COMMIT_POLL_FIRST_S, COMMIT_POLL_MAX_S, EXIT_WAIT_S
 from .errors import DurableTierError, DurableUnavailableError
 from .manifest import CommitRecord, RankManifest
 from .tiers.base import Tier
@@ -42,7 +43,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-DEFAULT_EXIT_WAIT_S = 60.0
 _PENDING: dict[Future[Any], tuple[logging.Logger, str] | None] = {}
 """Jobs awaited at exit -> (logger, what the job is) for the log line if it is abandoned."""
 _IN_FLIGHT: set[tuple[str, int, str, int]] = set()
@@ -50,7 +50,7 @@ _IN_FLIGHT: set[tuple[str, int, str, int]] = set()
 _COMMITTING: set[tuple[str, int, str]] = set()
 """(namespace, step, coordinator attempt) of durable commits running in this process."""
 _PENDING_LOCK = threading.Lock()
-_exit_wait_s = DEFAULT_EXIT_WAIT_S
+_exit_wait_s = EXIT_WAIT_S
 _exit_wait_set = False
 
 
@@ -232,14 +232,14 @@ def in_flight(namespace: str, step: int, attempt: str, rank: int) -> bool:
 
 
 def _poll(check: Callable[[], bool], deadline: float) -> bool:
-    delay = 0.02
+    delay = COMMIT_POLL_FIRST_S
     while True:
         if check():
             return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(delay)
-        delay = min(delay * 1.5, 1.0)
+        delay = min(delay * 1.5, COMMIT_POLL_MAX_S)
 
 
 def commit_durable(
@@ -313,13 +313,10 @@ def _commit_durable(
             "The step stays committed in memory; the next writer or reader resumes the drain."
         )
     crash_point("drain.before_durable_metadata")
-    md_key = catalog.key(record.step, record.metadata)
-    if metadata is not None:
-        durable.write(md_key, [metadata])
-    else:
-        durable.put_file(md_key, memory.path(md_key))
-    crash_point("drain.after_durable_metadata")
-    catalog.write_commit(record)
+    source = (
+        metadata if metadata is not None else memory.path(catalog.key(record.step, record.metadata))
+    )
+    catalog.commit_step(record, source, after_metadata="drain.after_durable_metadata")
     crash_point("drain.after_durable_commit")
     if coordinator is not None:  # until now retention kept the step: this node's part is done
         attempt, rank = coordinator

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 
-from . import layout
 from .catalog import StepCatalog
 from .cleanup import (
     live_attempts,
     remove_dir_if_empty,
     remove_files,
+    retire_step,
     step_names,
     warn_foreign,
     warn_unreadable,
@@ -95,9 +95,7 @@ def sweep_durable(config: CheckpointConfig, durable: Tier, log: logging.Logger) 
                 continue
             names = step_names(catalog, step)
             if record is not None and step not in keep:
-                durable.delete(catalog.key(step, layout.COMMIT_NAME))
-                remove_files(catalog, step, names, keep=in_use - _attempts(record))
-                remove_dir_if_empty(catalog, step)
+                retire_step(catalog, step, keep=in_use - _attempts(record))
                 deleted.append(step)
                 log.info("Durable retention deleted step %d from %s.", step, durable.url)
             elif record is not None:

@@ -17,6 +17,7 @@ from .cleanup import (
     live_attempts,
     remove_dir_if_empty,
     remove_files,
+    retire_step,
     step_names,
     warn_foreign,
     warn_unreadable,
@@ -54,21 +55,21 @@ def evict(
     keep = set(live)
     if current is not None:
         keep -= {current.attempt} | {r.attempt for r in current.ranks}
-    tier.delete(catalog.key(step, layout.COMMIT_NAME))
-    names = step_names(catalog, step)
-    if isinstance(tier, MemoryTier) and recycle:
-        pool = StagingPool(tier, catalog.namespace)
-        data = [
-            n
-            for n in names
-            if n.endswith(".data") and layout.is_ours(n) and layout.attempt_of(n) not in keep
-        ]
-        for name in data:
-            pool.recycle(tier.path(catalog.key(step, name)), keep=len(data))
-    crash_point("evict.mid")
-    remove_files(catalog, step, step_names(catalog, step), keep=keep)
+
+    def recycle_data(names: list[str]) -> None:
+        if isinstance(tier, MemoryTier) and recycle:
+            pool = StagingPool(tier, catalog.namespace)
+            data = [
+                n
+                for n in names
+                if n.endswith(".data") and layout.is_ours(n) and layout.attempt_of(n) not in keep
+            ]
+            for name in data:
+                pool.recycle(tier.path(catalog.key(step, name)), keep=len(data))
+        crash_point("evict.mid")
+
+    names = retire_step(catalog, step, keep, before_files=recycle_data)
     warn_foreign(catalog, step, names, catalog.log)
-    remove_dir_if_empty(catalog, step)
 
 
 def drain_pending(record: CommitRecord, listing: dict[str, int]) -> bool:

@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 import xxhash
 
+from .constants import ALIGN, HASH_CHUNK, ORPHANS_POOLED
 from .errors import TierFullError
 from .leases import AttemptLease, is_live, lease_name, sweep_leases
 from .tiers.memory import MemoryTier
@@ -43,8 +44,6 @@ __all__ = [
     "tensor_bytes",
 ]
 
-ALIGN = 64
-"""Byte alignment of each blob in a data file."""
 _POOL_DIR = ".pool"
 _STAGING_DIR = ".staging"
 _BUDGET_LOCK = ".budget.lock"
@@ -146,7 +145,7 @@ class StagingBuffer:
             staged.copy_(tensor, non_blocking=self._pinned and tensor.is_cuda)
         return staged
 
-    def place_hashed(self, tensor: torch.Tensor, chunk: int = 4 << 20) -> tuple[int, str]:
+    def place_hashed(self, tensor: torch.Tensor, chunk: int = HASH_CHUNK) -> tuple[int, str]:
         """Copy a CPU tensor in and checksum it in one pass; (offset, xxh3-128 digest).
 
         Each chunk is hashed right after it is copied, while it is still in cache.
@@ -552,7 +551,7 @@ class StagingPool:
                 m = _STAGING_NAME.match(e.name)
                 if m is None or is_live(self.ns_dir, lease_name(m.group(1), int(m.group(2)))):
                     continue
-                if not self.recycle(e.path, keep=4):
+                if not self.recycle(e.path, keep=ORPHANS_POOLED):
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(e.path)
         with contextlib.suppress(FileNotFoundError), os.scandir(self.pool_dir) as it:

@@ -29,6 +29,7 @@ from .. import layout
 from .._log import logger_for, rate, step_message
 from ..catalog import StepCatalog, StepSource
 from ..config import CheckpointConfig, require_config
+from ..constants import READ_THREADS
 from ..errors import (
     CheckpointNotFoundError,
     DurableUnavailableError,
@@ -376,7 +377,7 @@ class TieredStorageReader(StorageReader):
                 target = targets[id(item)] = planner.resolve_tensor(item).detach()
                 if self._direct_ok(item, target):
                     direct[id(item)] = target
-        workers = max(1, min(8, len(per_file)))
+        workers = max(1, min(READ_THREADS, len(per_file)))
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="tierckpt-read") as pool:
                 loaded = list(pool.map(partial(self._read_file, direct=direct), per_file.items()))

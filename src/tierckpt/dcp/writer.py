@@ -444,8 +444,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             return
         if not any(r.manifest in catalog.files(record.step) for r in record.ranks):
             return  # none of this step's parts were written on this node
-        self.memory.write(catalog.key(record.step, record.metadata), [metadata])
-        catalog.write_commit(record)
+        catalog.commit_step(record, metadata, after_metadata="install.after_metadata")
 
     @staticmethod
     def _unstaged_bytes(resolved: list[tuple[Any, Any]], buffer: StagingBuffer | None) -> int:
@@ -574,8 +573,6 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         crash_point("save.before_metadata")
         md_name = layout.metadata_name(self.attempt)
         md_bytes = pickle.dumps(metadata)
-        self.memory.write(layout.step_key(ns, step, md_name), [md_bytes])
-        crash_point("save.after_metadata")
         record = CommitRecord(
             namespace=ns,
             step=step,
@@ -588,7 +585,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             generation=self._generation,
         )
         catalog = StepCatalog(self.memory, ns, log)
-        catalog.write_commit(record)
+        catalog.commit_step(record, md_bytes, after_metadata="save.after_metadata")
         crash_point("save.after_commit")
         _LAST_COMMIT[(self.memory.root, ns)] = (step, self.attempt, record.to_json(), md_bytes)
         log.info(

@@ -1,0 +1,40 @@
+"""Tunable numbers of tierckpt, in one place (config fields are the user-facing ones)."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ALIGN",
+    "COMMIT_POLL_FIRST_S",
+    "COMMIT_POLL_MAX_S",
+    "EXIT_WAIT_S",
+    "HASH_CHUNK",
+    "MAX_LOAD_FALLBACKS",
+    "ORPHANS_POOLED",
+    "READ_THREADS",
+]
+
+# -- layout of data files --
+ALIGN = 64
+"""Byte alignment of each blob in a data file."""
+
+# -- copies and checksums --
+HASH_CHUNK = 4 << 20
+"""Bytes copied then hashed at a time, so each chunk is hashed while it is in cache."""
+
+# -- loads --
+READ_THREADS = 8
+"""Data files a rank reads in parallel."""
+MAX_LOAD_FALLBACKS = 3
+"""How many unloadable saves ``tierckpt.load`` skips before it gives up."""
+
+# -- staging pool --
+ORPHANS_POOLED = 4
+"""Staging files of dead writers kept (per namespace) as pooled buffers; the rest are deleted."""
+
+# -- durable drains --
+COMMIT_POLL_FIRST_S = 0.02
+"""First delay between checks for every rank's durable part (it grows 1.5x per check)."""
+COMMIT_POLL_MAX_S = 1.0
+"""Longest delay between those checks."""
+EXIT_WAIT_S = 60.0
+"""Default of ``durable_exit_wait_s``: how long interpreter exit waits for drains."""
