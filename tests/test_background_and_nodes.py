@@ -109,7 +109,7 @@ def test_a_step_whose_durable_drain_is_pending_is_not_evicted_from_memory(
         assert gate.wait(60)
         return real_upload(*args, **kwargs)
 
-    monkeypatch.setattr("tierckpt.dcp.writer.upload_rank_part", held_upload)
+    monkeypatch.setattr("tierckpt._drain_start.upload_rank_part", held_upload)
     first = _save(cfg1, 1, 1.0, durable=True)
     _save(cfg1, 2, 2.0)
     _save(cfg1, 3, 3.0)
@@ -128,7 +128,7 @@ def test_a_failed_drain_reports_a_typed_error_and_the_memory_commit_stays_loadab
     def broken_upload(*args: Any, **kwargs: Any) -> int:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr("tierckpt.dcp.writer.upload_rank_part", broken_upload)
+    monkeypatch.setattr("tierckpt._drain_start.upload_rank_part", broken_upload)
     w = _save(cfg1, 7, 7.0, durable=True)
     with pytest.raises(DurableTierError, match="Step 7: the durable drain failed"):
         w.durable_done.result(timeout=30)

@@ -400,7 +400,7 @@ def w_byte_items_overflow_the_tmpfs(
 def _rendezvous_after_make_room(flags: str, rank: int, world_size: int, wait_s: float) -> None:
     """Fault injection for a race: after a rank's budget check passed, wait (up to ``wait_s``)
     until every other rank's check passed too, so that checks and allocations overlap."""
-    from tierckpt.dcp import writer
+    from tierckpt import saving as writer
 
     real = writer.make_room
 

@@ -8,6 +8,7 @@ planned ones are copied into the memory tier at write time. One copy blocks the 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,9 +16,14 @@ import torch
 from torch.distributed._state_dict_utils import _iterate_state_dict
 from torch.distributed.tensor import DTensor
 
-from ..staging import PrivateBuffer, StagingBuffer, align, tensor_bytes
+from .._faults import crash_point
+from .._log import logger_for, rate, step_message
+from ..config import CheckpointConfig
+from ..saving import acquire_buffer, release_buffer
+from ..staging import PrivateBuffer, StagingBuffer, align, is_full, tensor_bytes
+from ..tiers.memory import MemoryTier
 
-__all__ = ["StageSizes", "stage_into", "staged_sizes"]
+__all__ = ["StageSizes", "stage_for_rank", "stage_into", "staged_sizes"]
 
 
 @dataclass(frozen=True)
@@ -125,3 +131,46 @@ def stage_into(
         out = _iterate_state_dict(state_dict, on_sharded, on_dtensor, on_tensor, type_check=False)
     stream.synchronize()
     return out
+
+
+def stage_for_rank(
+    memory: MemoryTier,
+    config: CheckpointConfig,
+    state_dict: dict[str, Any],
+    sizes: StageSizes,
+    *,
+    step: int | None,
+    attempt: str,
+    rank: int,
+    started: float,
+) -> tuple[dict[str, Any], StagingBuffer | None, PrivateBuffer | None]:
+    """Stage ``state_dict`` (sized by ``sizes``) for this rank's part of an attempt.
+
+    Returns the staged state dict and its (memory-tier, private) buffers; on failure the
+    buffers are given back (a buffer that met a full tier is deleted).
+    """
+    buffer = (
+        acquire_buffer(memory, config, attempt, rank, sizes.shared) if sizes.shared_count else None
+    )
+    private = None
+    try:
+        if sizes.private:
+            private = PrivateBuffer(sizes.private, pinned=sizes.cuda)
+        staged = stage_into(state_dict, buffer, private)
+    except BaseException as e:
+        if buffer is not None:
+            release_buffer(memory, config, buffer, discard=is_full(e))
+        if private is not None:
+            private.give_back()
+        raise
+    crash_point("save.after_stage")
+    kind = buffer.kind if buffer is not None else "no shard of its own"
+    logger_for(config).info(
+        step_message(
+            rank,
+            step,
+            f"Staged into the memory tier ({kind}; {sizes.private} replicated bytes "
+            f"privately): {rate(sizes.shared + sizes.private, time.perf_counter() - started)}",
+        )
+    )
+    return staged, buffer, private
