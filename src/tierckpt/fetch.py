@@ -1,0 +1,177 @@
+"""Verified blob bytes from the nearest tier: memory first, then each tier for what is missing.
+
+A blob is a ``(file, offset, length, checksum)`` range of a step's data file. Every blob is
+copied out of its tier first and the copy is checked against its xxh3-128 checksum (so what
+is verified is what is delivered); a blob that fails in one tier is read from the next, and
+one that fails everywhere raises :class:`IntegrityError`: wrong bytes are never returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from . import layout
+from ._log import step_message
+from .constants import READ_THREADS
+from .errors import IntegrityError
+from .manifest import checksum
+from .tiers.base import Buffer, KeyNotFoundError, Tier
+from .tiers.memory import MemoryTier
+
+__all__ = ["Blob", "Fetcher"]
+
+_Fetched = tuple[Buffer | None, int, str]
+"""A blob as read from a tier: its bytes (None when read straight into its target), their
+length and the xxh3-128 of exactly those bytes."""
+
+
+@dataclass(frozen=True)
+class Blob:
+    """One range of a step's data file to fetch, and what its bytes must hash to."""
+
+    offset: int
+    length: int
+    checksum: str
+    into: memoryview | None = None
+    """Copy a memory-tier blob straight into this (and verify it there) instead of a buffer."""
+    name: str = ""
+    """What the blob holds, for the error raised when no tier has it."""
+
+
+class Fetcher:
+    """Fetches the blobs of one step for one rank, counting bytes per tier into ``counts``."""
+
+    def __init__(
+        self,
+        namespace: str,
+        step: int,
+        memory: MemoryTier,
+        tiers: list[Tier],
+        counts: dict[str, int],
+        rank: int,
+        log: logging.Logger,
+    ) -> None:
+        self.namespace = namespace
+        self.step = step
+        self.memory = memory
+        self.tiers = tiers
+        self.counts = counts
+        self.rank = rank
+        self.log = log
+        self._count_lock = threading.Lock()
+
+    def fetch_all(self, files: dict[str, list[Blob]]) -> dict[str, list[Buffer | None]]:
+        """:meth:`fetch_file` for every file, in a pool of reader threads."""
+        workers = max(1, min(READ_THREADS, len(files)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="tierckpt-read") as pool:
+            loaded = list(pool.map(lambda e: self.fetch_file(*e), files.items()))
+        return dict(zip(files, loaded, strict=True))
+
+    def fetch_file(self, fname: str, blobs: list[Blob]) -> list[Buffer | None]:
+        """The verified bytes of each blob of one file (None: copied into its ``into``)."""
+        key = layout.step_key(self.namespace, self.step, fname)
+        pending = sorted(range(len(blobs)), key=lambda i: blobs[i].offset)
+        got: dict[int, Buffer | None] = {}
+        reasons: dict[int, list[str]] = defaultdict(list)
+        for tier in self.tiers:
+            if not pending:
+                break
+            if tier is self.memory:
+                fetched = self._read_memory(key, [blobs[i] for i in pending])
+            else:
+                fetched = _fetch(tier, key, [blobs[i] for i in pending])
+            still: list[int] = []
+            corrupt = 0
+            for i, res in zip(pending, fetched, strict=True):
+                blob = blobs[i]
+                if isinstance(res, Exception):
+                    reasons[i].append(f"{tier.name}: {type(res).__name__}: {res}")
+                    corrupt += not isinstance(res, KeyNotFoundError)
+                elif res[1] != blob.length or res[2] != blob.checksum:
+                    reasons[i].append(f"{tier.name}: checksum mismatch")
+                    corrupt += 1
+                else:
+                    got[i] = res[0]
+                    self._count(tier, blob.length)
+                    continue
+                still.append(i)
+            if still and tier is not self.tiers[-1]:
+                # Absent files are routine (a node restarted, a step only in durable);
+                # bytes that fail their checksum or cannot be read are worth a warning.
+                self.log.log(
+                    logging.WARNING if corrupt else logging.INFO,
+                    step_message(
+                        self.rank,
+                        self.step,
+                        f"{len(still)} of {len(pending)} blobs of {fname} are "
+                        f"{'corrupt or unreadable' if corrupt else 'not'} in the {tier.name} tier "
+                        f"(first: {reasons[still[0]][-1]}); reading them from the next tier",
+                    ),
+                )
+            pending = still
+        if pending:
+            blob = blobs[pending[0]]
+            raise IntegrityError(
+                f"Step {self.step}: no valid copy of {fname} [{blob.offset}:+{blob.length}] "
+                f"({blob.name}) in any tier: {'; '.join(reasons[pending[0]])}. "
+                "Load an earlier step (TieredStorageReader(config, step=N))."
+            )
+        return [got[i] for i in range(len(blobs))]
+
+    def _count(self, tier: Tier, nbytes: int) -> None:
+        with self._count_lock:
+            self.counts[tier.name] = self.counts.get(tier.name, 0) + nbytes
+
+    def _read_memory(self, key: str, blobs: list[Blob]) -> list[_Fetched | Exception]:
+        """Memory tier: copy each blob out (into its ``into`` when given, else into a
+        private buffer) and hash the copy, under a shared flock.
+
+        The lock keeps the staging pool from reusing the file while it is read. A direct
+        blob that fails its checksum leaves its target to be overwritten by the next tier's
+        verified bytes (or the load raises): wrong bytes are never returned.
+        """
+        try:
+            handle = self.memory.open_shared(key)
+        except Exception as e:
+            return [e] * len(blobs)
+        out: list[_Fetched | Exception] = []
+        with handle:
+            for blob in blobs:
+                try:
+                    if blob.into is not None:
+                        digest = handle.read_into(blob.offset, blob.into)
+                        out.append((None, blob.length, digest))
+                    else:
+                        buf, digest = handle.read(blob.offset, blob.length)
+                        out.append((buf, len(buf), digest))
+                except Exception as e:
+                    out.append(e)
+        return out
+
+
+def _fetch(tier: Tier, key: str, blobs: list[Blob]) -> list[_Fetched | Exception]:
+    """Bytes of each blob from a tier other than memory (an exception for a failed one)."""
+    read_ranges = getattr(tier, "read_ranges", None)
+    if read_ranges is not None:  # object stores: parallel ranged GETs, near ranges coalesced
+        try:
+            bufs: list[Buffer | Exception] = list(
+                read_ranges(key, [(b.offset, b.length) for b in blobs])
+            )
+        except Exception as e:
+            bufs = [e] * len(blobs)
+    else:
+        bufs = [_attempt(tier.read, key, b.offset, b.length) for b in blobs]
+    return [b if isinstance(b, Exception) else (b, len(b), checksum(b)) for b in bufs]
+
+
+def _attempt(fn: Callable[..., Buffer], *args: Any) -> Buffer | Exception:
+    try:
+        return fn(*args)
+    except Exception as e:
+        return e
