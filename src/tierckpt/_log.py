@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import logging
-import threading
 from typing import TYPE_CHECKING
+
+from ._runtime import RUNTIME
 
 if TYPE_CHECKING:
     from .config import CheckpointConfig
 
 __all__ = ["logger_for", "rate", "step_message", "warn_once"]
 
-_FILE_HANDLERS: dict[tuple[str, str], logging.Handler] = {}
-_WARNED: set[tuple[str, ...]] = set()
-_LOCK = threading.Lock()
 _FORMAT = "[%(asctime)s] [{ns}] [%(name)s] [%(levelname)s] [%(filename)s:%(lineno)d] %(message)s"
 
 
@@ -22,14 +20,15 @@ def logger_for(config: CheckpointConfig) -> logging.Logger:
     log = config.log
     if config.log_file:
         key = (log.name, config.log_file)
-        with _LOCK:
-            if key not in _FILE_HANDLERS:
+        logs = RUNTIME.logs
+        with logs.lock:
+            if key not in logs.file_handlers:
                 handler = logging.FileHandler(config.log_file)
                 handler.setFormatter(logging.Formatter(_FORMAT.format(ns=config.namespace)))
                 log.addHandler(handler)
                 if log.level == logging.NOTSET:
                     log.setLevel(logging.INFO)
-                _FILE_HANDLERS[key] = handler
+                logs.file_handlers[key] = handler
     return log
 
 
@@ -46,8 +45,9 @@ def rate(nbytes: int, seconds: float) -> str:
 
 def warn_once(log: logging.Logger, key: tuple[str, ...], message: str) -> None:
     """Log ``message`` as a WARNING the first time this process sees ``key``."""
-    with _LOCK:
-        if key in _WARNED:
+    logs = RUNTIME.logs
+    with logs.lock:
+        if key in logs.warned:
             return
-        _WARNED.add(key)
+        logs.warned.add(key)
     log.warning(message)

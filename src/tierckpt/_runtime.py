@@ -13,7 +13,12 @@ import logging
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .constants import EXIT_WAIT_S
+
+if TYPE_CHECKING:
+    from ._retry import Retrier
 
 __all__ = ["RUNTIME", "Runtime"]
 
@@ -46,6 +51,10 @@ class Drains:
     """(namespace, step, attempt, rank) of uploads running in this process."""
     committing: set[tuple[str, int, str]] = field(default_factory=set)
     """(namespace, step, coordinator attempt) of durable commits running in this process."""
+    exit_wait_s: float = EXIT_WAIT_S
+    """How long interpreter exit waits for the jobs in ``pending``."""
+    exit_wait_set: bool = False
+    """Whether a config has set ``exit_wait_s`` (later ones can only raise it)."""
 
 
 @dataclass
@@ -57,8 +66,10 @@ class Resumes:
     """(memory root, namespace) whose pending drains this process has resumed once."""
     failed: dict[tuple[str, str, int, str, int], str] = field(default_factory=dict)
     """(memory root, namespace, step, attempt, rank) of parts whose drain failed -> error."""
-    retriers: dict[tuple[str, str, int | None], Any] = field(default_factory=dict)
+    retriers: dict[tuple[str, str, int | None], Retrier] = field(default_factory=dict)
+    """(memory root, namespace, rank) -> the thread retrying its failed drains."""
     resume_locks: dict[tuple[str, str, int | None], threading.Lock] = field(default_factory=dict)
+    """(memory root, namespace, rank) -> held while one resume of it runs."""
 
 
 @dataclass
@@ -67,7 +78,9 @@ class Logs:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     file_handlers: dict[tuple[str, str], logging.Handler] = field(default_factory=dict)
+    """(logger name, log file) -> the file handler attached to that logger."""
     warned: set[tuple[str, ...]] = field(default_factory=set)
+    """Keys of the warnings already given (:func:`tierckpt._log.warn_once`)."""
 
 
 @dataclass

@@ -5,25 +5,25 @@ complete). The coordinator then waits for every rank's manifest, writes the DCP
 metadata and, last, the commit record. Coordination goes through the durable tier
 itself, never through the training process group (invariant 6). A rank whose upload
 fails leaves a ``.failed`` marker there, so the coordinator stops waiting at once.
+
+The background threads and the exit wait live in :mod:`tierckpt._exit` (re-exported here).
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any, TypeVar
 
 from . import layout
+from ._exit import run_in_background, set_exit_wait, wait_at_exit, wait_for_drains
 from ._faults import crash_point
 from ._log import rate, step_message
+from ._runtime import RUNTIME
 from .catalog import StepCatalog
-from .constants import COMMIT_POLL_FIRST_S, COMMIT_POLL_MAX_S, EXIT_WAIT_S
+from .constants import COMMIT_POLL_FIRST_S, COMMIT_POLL_MAX_S
 from .errors import DurableTierError, DurableUnavailableError
 from .manifest import CommitRecord, RankManifest
 from .tiers.base import Tier
@@ -41,101 +41,6 @@ __all__ = [
     "wait_for_drains",
     "watch_durable_commit",
 ]
-
-T = TypeVar("T")
-_PENDING: dict[Future[Any], tuple[logging.Logger, str] | None] = {}
-"""Jobs awaited at exit -> (logger, what the job is) for the log line if it is abandoned."""
-_IN_FLIGHT: set[tuple[str, int, str, int]] = set()
-"""(namespace, step, attempt, rank) of uploads running in this process."""
-_COMMITTING: set[tuple[str, int, str]] = set()
-"""(namespace, step, coordinator attempt) of durable commits running in this process."""
-_PENDING_LOCK = threading.Lock()
-_exit_wait_s = EXIT_WAIT_S
-_exit_wait_set = False
-
-
-def run_in_background(
-    fn: Callable[[], T],
-    *,
-    name: str,
-    wait_at_exit: bool = True,
-    exit_note: tuple[logging.Logger, str] | None = None,
-) -> Future[T]:
-    """Run ``fn`` on a daemon thread; its future completes with the result or the error.
-
-    Jobs with ``wait_at_exit`` are awaited (for at most ``durable_exit_wait_s``) when the
-    interpreter exits normally, so the last durable step of a finished run is not cut
-    off; ``exit_note`` names the job in the ERROR line logged if the wait gives up.
-    """
-    fut: Future[T] = Future()
-
-    def body() -> None:
-        try:
-            fut.set_result(fn())
-        except BaseException as e:
-            fut.set_exception(e)
-        finally:
-            with _PENDING_LOCK:
-                _PENDING.pop(fut, None)
-
-    if wait_at_exit:
-        with _PENDING_LOCK:
-            _PENDING[fut] = exit_note
-    threading.Thread(target=body, name=name, daemon=True).start()
-    return fut
-
-
-def wait_for_drains(timeout: float | None = None) -> bool:
-    """Wait for this process's uploads and durable commits; True if all finished.
-
-    Retries of failed drains are not waited for (see ``tierckpt.pending_drains``).
-    """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        with _PENDING_LOCK:
-            pending = list(_PENDING)
-        if not pending:
-            return True
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            return False
-        try:
-            pending[0].exception(timeout=left)
-        except TimeoutError:
-            return False
-
-
-def set_exit_wait(seconds: float) -> None:
-    """Bound the exit wait by ``seconds`` (the longest any config of this process asked for)."""
-    global _exit_wait_s, _exit_wait_set
-    with _PENDING_LOCK:
-        _exit_wait_s = seconds if not _exit_wait_set else max(_exit_wait_s, seconds)
-        _exit_wait_set = True
-
-
-def wait_at_exit() -> bool:
-    """What runs at interpreter exit: wait at most the exit bound, log what is abandoned.
-
-    Abandoned work is not lost: the steps stay committed in memory and the next writer or
-    reader of the namespace resumes their drains. True if everything finished.
-    """
-    t0 = time.monotonic()
-    if wait_for_drains(timeout=_exit_wait_s):
-        return True
-    waited = time.monotonic() - t0
-    with _PENDING_LOCK:
-        notes = [n for f, n in _PENDING.items() if not f.done()]
-    for note in notes:
-        log, what = note if note is not None else (logging.getLogger("tierckpt"), "A drain")
-        log.error(
-            f"{what} abandoned at exit after waiting {waited:.1f}s (durable_exit_wait_s); the "
-            "step stays committed in memory and the next run resumes its drain "
-            "(tierckpt.resume_pending)."
-        )
-    return False
-
-
-atexit.register(wait_at_exit)
 
 
 def check_reachable(durable: Tier) -> None:
@@ -161,8 +66,9 @@ def upload_rank_part(
     """
     t0 = time.perf_counter()
     step, rank, attempt = manifest.step, manifest.rank, manifest.attempt
-    with _PENDING_LOCK:
-        _IN_FLIGHT.add((namespace, step, attempt, rank))
+    drains = RUNTIME.drains
+    with drains.lock:
+        drains.in_flight.add((namespace, step, attempt, rank))
     total = 0
     try:
         for name in manifest.files:
@@ -179,8 +85,8 @@ def upload_rank_part(
             mark_failed(durable, namespace, step, attempt, rank, e, log)
         raise
     finally:
-        with _PENDING_LOCK:
-            _IN_FLIGHT.discard((namespace, step, attempt, rank))
+        with drains.lock:
+            drains.in_flight.discard((namespace, step, attempt, rank))
     if mark_drained:  # the coordinator's part is marked once the durable commit is written
         memory.write(layout.step_key(namespace, step, layout.drained_name(attempt, rank)), [b""])
     log.info(
@@ -226,9 +132,10 @@ def _failure_reason(durable: Tier, key: str) -> str:
 
 def in_flight(namespace: str, step: int, attempt: str, rank: int) -> bool:
     """True while this process is uploading that rank's part or committing its attempt."""
-    with _PENDING_LOCK:
-        uploading = (namespace, step, attempt, rank) in _IN_FLIGHT
-        return uploading or (namespace, step, attempt) in _COMMITTING
+    drains = RUNTIME.drains
+    with drains.lock:
+        uploading = (namespace, step, attempt, rank) in drains.in_flight
+        return uploading or (namespace, step, attempt) in drains.committing
 
 
 def _poll(check: Callable[[], bool], deadline: float) -> bool:
@@ -258,13 +165,14 @@ def commit_durable(
     that is still missing has a failure marker.
     """
     job = (record.namespace, record.step, record.attempt)
-    with _PENDING_LOCK:
-        _COMMITTING.add(job)
+    drains = RUNTIME.drains
+    with drains.lock:
+        drains.committing.add(job)
     try:
         _commit_durable(memory, durable, record, timeout_s, log, metadata, coordinator)
     finally:
-        with _PENDING_LOCK:
-            _COMMITTING.discard(job)
+        with drains.lock:
+            drains.committing.discard(job)
 
 
 def _commit_durable(

@@ -6,15 +6,16 @@ carries a generation, higher for every later save of the namespace. A save A is
 ``B.step <= A.step``: the job rewound to an older step after A, so A's branch is never
 chosen again and is the first to go. A re-save of a step abandons its earlier attempt.
 
-The process-wide state here (one lock) is what a process saved, restored, found
-unloadable, or is still uploading; it is lost with the process, by design.
+The process-wide state used here (``RUNTIME.history``, one lock) is what a process saved,
+restored, found unloadable, or is still uploading; it is lost with the process, by design.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterable
+
+from ._runtime import RUNTIME
 
 __all__ = [
     "abandoned",
@@ -30,15 +31,6 @@ __all__ = [
 Save = tuple[int, str, int]
 """(step, attempt, generation) of one commit."""
 
-_LOCK = threading.Lock()
-_NEWEST: dict[str, int] = {}
-"""namespace -> newest generation this process saved or restored."""
-_UNLOADABLE: set[tuple[str, int, str]] = set()
-"""(namespace, step, attempt) this process could not load."""
-_UPLOADING: dict[str, dict[tuple[int, str], frozenset[str]]] = {}
-"""namespace -> (step, coordinator attempt) -> every rank's attempt, of durable saves this
-process coordinates whose durable commit it has not yet seen."""
-
 
 def newest_key(step: int, generation: int, attempt: str = "") -> tuple[int, int, str]:
     """Sort key of saves: by generation, then step (commits without generations), then
@@ -48,15 +40,15 @@ def newest_key(step: int, generation: int, attempt: str = "") -> tuple[int, int,
 
 def observe(namespace: str, generation: int) -> None:
     """Remember that this process saved or restored a save of ``generation``."""
-    with _LOCK:
-        if generation > _NEWEST.get(namespace, 0):
-            _NEWEST[namespace] = generation
+    with RUNTIME.history.lock:
+        if generation > RUNTIME.history.newest_generation.get(namespace, 0):
+            RUNTIME.history.newest_generation[namespace] = generation
 
 
 def next_generation(namespace: str, reported: Iterable[int]) -> int:
     """The generation of a new save: newer than the clock, every rank's tier, and this process."""
-    with _LOCK:
-        seen = _NEWEST.get(namespace, 0)
+    with RUNTIME.history.lock:
+        seen = RUNTIME.history.newest_generation.get(namespace, 0)
     generation = max(time.time_ns(), 1 + max(reported, default=0), 1 + seen)
     observe(namespace, generation)
     return generation
@@ -79,19 +71,19 @@ def abandoned(saves: Iterable[Save]) -> set[tuple[int, str]]:
 
 
 def mark_unloadable(namespace: str, step: int, attempt: str) -> None:
-    with _LOCK:
-        _UNLOADABLE.add((namespace, step, attempt))
+    with RUNTIME.history.lock:
+        RUNTIME.history.unloadable.add((namespace, step, attempt))
 
 
 def marked_unloadable(namespace: str, step: int, attempt: str) -> bool:
-    with _LOCK:
-        return (namespace, step, attempt) in _UNLOADABLE
+    with RUNTIME.history.lock:
+        return (namespace, step, attempt) in RUNTIME.history.unloadable
 
 
 def begin_upload(namespace: str, step: int, attempt: str, attempts: Iterable[str]) -> None:
     """A durable save coordinated here: its ranks' uploads may be under way on any node."""
-    with _LOCK:
-        _UPLOADING.setdefault(namespace, {})[(step, attempt)] = frozenset(attempts)
+    with RUNTIME.history.lock:
+        RUNTIME.history.uploading.setdefault(namespace, {})[(step, attempt)] = frozenset(attempts)
 
 
 def uploading(namespace: str, durable_commits: dict[int, str]) -> set[str]:
@@ -100,8 +92,8 @@ def uploading(namespace: str, durable_commits: dict[int, str]) -> set[str]:
     ``durable_commits`` (step -> coordinator attempt in the durable tier) retires saves
     whose durable commit is written.
     """
-    with _LOCK:
-        saves = _UPLOADING.get(namespace, {})
+    with RUNTIME.history.lock:
+        saves = RUNTIME.history.uploading.get(namespace, {})
         for key in [k for k in saves if durable_commits.get(k[0]) == k[1]]:
             del saves[key]
         return {a for attempts in saves.values() for a in attempts}

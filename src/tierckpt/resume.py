@@ -5,42 +5,43 @@ its own rank manifests, not from a commit record: a node other than the coordina
 may never have received the step's memory commit, and still uploads its part
 (:func:`resume_pending`). The coordinator writes the durable commit.
 
-While the process lives, a failed drain is retried in the background with exponential
-backoff (``durable_retry_initial_s`` doubling up to ``durable_retry_max_s``, with
-jitter), newest step first; a drain that succeeds wakes the retry at once. Undrained
-steps stay pinned in memory, at most ``durable_max_pending_steps`` of them per node:
-past it the oldest is unpinned with an ERROR (the newest save never is).
+Which parts are pending is :mod:`tierckpt._pending`; the background retry of failed drains
+and the ``durable_max_pending_steps`` bound are :mod:`tierckpt._retry`.
 :func:`pending_drains` reports what is pending and the bytes it pins.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import random
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-import torch.distributed as dist
-
 from . import layout
 from ._faults import crash_point
 from ._log import logger_for, step_message
+from ._pending import (
+    Part,
+    default_rank,
+    is_durable_part,
+    own_parts,
+    owned_elsewhere,
+    part_key,
+    pending_parts,
+    retryable,
+)
+from ._retry import bound_pending, ensure_retrier
+from ._runtime import RUNTIME
 from .catalog import StepCatalog
 from .config import CheckpointConfig
 from .drain import (
     check_reachable,
     clear_failed,
     commit_durable,
-    in_flight,
-    mark_failed,
     run_in_background,
     upload_rank_part,
 )
 from .durable_retention import sweep_durable
-from .errors import TierckptError
-from .leases import is_live, lease_name
 from .manifest import CommitRecord, RankManifest
 from .tiers.base import Tier
 from .tiers.durable import open_durable_tier
@@ -54,14 +55,6 @@ __all__ = [
     "resume_pending",
     "resume_pending_once",
 ]
-
-_RESUMED: set[tuple[str, str]] = set()
-_LOCK = threading.Lock()
-_STATE = threading.Lock()
-_FAILED: dict[tuple[str, str, int, str, int], str] = {}
-"""(memory root, namespace, step, attempt, rank) of parts whose drain failed here -> error."""
-_RETRIERS: dict[tuple[str, str, int | None], _Retrier] = {}
-_RESUME_LOCKS: dict[tuple[str, str, int | None], threading.Lock] = {}
 
 
 @dataclass(frozen=True)
@@ -80,16 +73,6 @@ class PendingDrain:
     """The last failure, for ``"retrying"``."""
 
 
-@dataclass(frozen=True)
-class _Part:
-    step: int
-    attempt: str
-    rank: int
-    manifest: str
-    nbytes: int
-    mtime: float
-
-
 # --------------------------------------------------------------------------- public
 
 
@@ -102,7 +85,7 @@ def resume_pending(config: CheckpointConfig, *, rank: int | None = None) -> Futu
     unreachable durable tier fails the future, and the pending parts are retried. Returns a
     future of the steps resumed; a step that fails is logged and the others go on.
     """
-    rank = _default_rank(rank)
+    rank = default_rank(rank)
     log = logger_for(config)
 
     def job() -> list[int]:
@@ -111,8 +94,8 @@ def resume_pending(config: CheckpointConfig, *, rank: int | None = None) -> Futu
             durable = open_durable_tier(config, check=False)
             return _resume(config, memory, durable, rank, log)
         finally:
-            if _retryable(config, memory, rank, log):
-                _ensure_retrier(config, rank)
+            if retryable(config, memory, rank, log):
+                ensure_retrier(config, rank, _resume)
 
     return run_in_background(job, name="tierckpt-resume", wait_at_exit=True)
 
@@ -120,10 +103,10 @@ def resume_pending(config: CheckpointConfig, *, rank: int | None = None) -> Futu
 def resume_pending_once(config: CheckpointConfig) -> Future[list[int]] | None:
     """:func:`resume_pending` the first time a writer or reader of a namespace is built here."""
     key = (config.memory_root or "", config.namespace)
-    with _LOCK:
-        if key in _RESUMED:
+    with RUNTIME.resumes.lock:
+        if key in RUNTIME.resumes.resumed:
             return None
-        _RESUMED.add(key)
+        RUNTIME.resumes.resumed.add(key)
     return resume_pending(config)
 
 
@@ -132,15 +115,15 @@ def pending_drains(config: CheckpointConfig, *, rank: int | None = None) -> list
 
     ``rank`` as in :func:`resume_pending`. Their bytes stay pinned in the memory tier.
     """
-    rank = _default_rank(rank)
+    rank = default_rank(rank)
     memory = MemoryTier(config.memory_root or "")
     log = logger_for(config)
     out = []
-    for part in _pending_parts(config, memory, rank, log):
-        error = _FAILED.get(_key(config, part))
+    for part in pending_parts(config, memory, rank, log):
+        error = RUNTIME.resumes.failed.get(part_key(config, part))
         if error is not None:
             state = "retrying"
-        elif _owned_elsewhere(config, memory, part):
+        elif owned_elsewhere(config, memory, part):
             state = "draining"
         else:
             state = "interrupted"
@@ -158,172 +141,22 @@ def note_failure(
 ) -> None:
     """A drain of this process failed: remember it, bound what stays pinned, retry later."""
     key = (config.memory_root or "", config.namespace, step, attempt, rank)
-    with _STATE:
-        _FAILED[key] = f"{type(error).__name__}: {error}"
+    with RUNTIME.resumes.lock:
+        RUNTIME.resumes.failed[key] = f"{type(error).__name__}: {error}"
     memory = MemoryTier(config.memory_root or "")
     try:
-        _bound_pending(config, memory, rank, log)
+        bound_pending(config, memory, rank, log)
     except Exception as e:  # reporting must not mask the drain's own error
         log.warning(step_message(rank, step, f"Could not apply durable_max_pending_steps: {e}"))
-    _ensure_retrier(config, rank)
+    ensure_retrier(config, rank, _resume)
 
 
 def note_success(config: CheckpointConfig, rank: int) -> None:
     """A drain succeeded: the durable tier answers, so retry the failed ones now."""
-    with _STATE:
-        retrier = _RETRIERS.get((config.memory_root or "", config.namespace, rank))
+    with RUNTIME.resumes.lock:
+        retrier = RUNTIME.resumes.retriers.get((config.memory_root or "", config.namespace, rank))
     if retrier is not None:
         retrier.wake.set()
-
-
-# --------------------------------------------------------------------------- scanning
-
-
-def _default_rank(rank: int | None) -> int | None:
-    if rank is None and dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return rank
-
-
-def _key(config: CheckpointConfig, part: _Part) -> tuple[str, str, int, str, int]:
-    return (config.memory_root or "", config.namespace, part.step, part.attempt, part.rank)
-
-
-def _own_parts(
-    memory: MemoryTier, namespace: str, step: int, listing: dict[str, int], rank: int | None
-) -> list[_Part]:
-    """Parts of ``step`` held here (for ``rank``, or every rank) neither drained nor unpinned."""
-    out = []
-    for name in listing:
-        parsed = layout.parse_manifest_name(name)
-        if parsed is None or (rank is not None and parsed[1] != rank):
-            continue
-        attempt, r = parsed
-        if (
-            layout.drained_name(attempt, r) in listing
-            or layout.unpinned_name(attempt, r) in listing
-        ):
-            continue
-        prefix = layout.part_prefix(attempt, r)
-        nbytes = sum(size for n, size in listing.items() if n.startswith(prefix))
-        mtime = memory.mtime(layout.step_key(namespace, step, name)) or 0.0
-        out.append(_Part(step, attempt, r, name, nbytes, mtime))
-    return out
-
-
-def _is_durable_part(
-    memory: MemoryTier, mem: StepCatalog, part: _Part, record: CommitRecord | None
-) -> bool:
-    """True when ``part`` belongs to a durable save (its commit, or else its manifest, says so).
-
-    Raises :class:`IntegrityError` for a damaged manifest (it cannot be drained).
-    """
-    if record is not None:
-        committed = any(r.rank == part.rank and r.attempt == part.attempt for r in record.ranks)
-        if not (record.durable and committed):  # other attempts of a step are superseded
-            return False
-    key = mem.key(part.step, part.manifest)
-    manifest = RankManifest.from_json(memory.read(key), where=f"{memory.url}/{key}")
-    return record is not None or manifest.durable
-
-
-def _pending_parts(
-    config: CheckpointConfig, memory: MemoryTier, rank: int | None, log: logging.Logger
-) -> list[_Part]:
-    """Every pending durable part of this node (for ``rank``), oldest save first.
-
-    Damaged manifests are skipped here (:func:`_resume` logs them).
-    """
-    mem = StepCatalog(memory, config.namespace, log)
-    out = []
-    for step in mem.steps():
-        listing = mem.files(step)
-        parts = _own_parts(memory, config.namespace, step, listing, rank)
-        if not parts:
-            continue
-        record = mem.commit(step) if layout.COMMIT_NAME in listing else None
-        for part in parts:
-            try:
-                if _is_durable_part(memory, mem, part, record):
-                    out.append(part)
-            except (OSError, TierckptError):
-                continue
-    return sorted(out, key=lambda p: (p.mtime, p.step))
-
-
-def _owned_elsewhere(config: CheckpointConfig, memory: MemoryTier, part: _Part) -> bool:
-    """True while another job is on this part: an upload running here, or the live save that
-    wrote it (its lease is held) and whose drain has not failed."""
-    if in_flight(config.namespace, part.step, part.attempt, part.rank):
-        return True
-    if _key(config, part) in _FAILED:
-        return False
-    return is_live(memory.path(config.namespace), lease_name(part.attempt, part.rank))
-
-
-def _retryable(
-    config: CheckpointConfig, memory: MemoryTier, rank: int | None, log: logging.Logger
-) -> bool:
-    try:
-        parts = _pending_parts(config, memory, rank, log)
-    except OSError:
-        return False
-    return any(not _owned_elsewhere(config, memory, p) for p in parts)
-
-
-def _bound_pending(
-    config: CheckpointConfig, memory: MemoryTier, rank: int | None, log: logging.Logger
-) -> None:
-    """Unpin the oldest pending steps past ``durable_max_pending_steps`` (never the newest)."""
-    limit = config.durable_max_pending_steps
-    parts = _pending_parts(config, memory, rank, log)
-    steps = list(dict.fromkeys(p.step for p in parts))  # oldest save first
-    if len(steps) <= limit:
-        return
-    newest = steps[-1]
-    unpinned: set[_Part] = set()
-    for part in parts:
-        if len(steps) <= limit:
-            break
-        if part.step == newest or _owned_elsewhere(config, memory, part):
-            continue
-        unpinned.add(part)
-        memory.write(
-            layout.step_key(
-                config.namespace, part.step, layout.unpinned_name(part.attempt, part.rank)
-            ),
-            [b""],
-        )
-        with _STATE:
-            error = _FAILED.pop(_key(config, part), "interrupted by a crash")
-        log.error(
-            step_message(
-                part.rank,
-                part.step,
-                f"unpinned from the memory tier: its durable drain failed ({error}) and "
-                f"{len(steps)} steps are pending (durable_max_pending_steps={limit}). Memory "
-                f"retention may now evict it ({part.nbytes} bytes) and it will not reach the "
-                "durable tier; newer steps are kept.",
-            )
-        )
-        _mark_failed_later(config, part, log)
-        if all(p in unpinned for p in parts if p.step == part.step):
-            steps.remove(part.step)
-
-
-def _mark_failed_later(config: CheckpointConfig, part: _Part, log: logging.Logger) -> None:
-    """In the background (the durable tier may be down): the coordinator stops waiting."""
-
-    def mark() -> None:
-        try:
-            durable = open_durable_tier(config, check=False)
-        except Exception as e:
-            log.warning(step_message(part.rank, part.step, f"No failure marker left: {e}"))
-            return
-        error = RuntimeError("unpinned: durable_max_pending_steps exceeded")
-        mark_failed(durable, config.namespace, part.step, part.attempt, part.rank, error, log)
-
-    threading.Thread(target=mark, name="tierckpt-mark-failed", daemon=True).start()
 
 
 # --------------------------------------------------------------------------- resuming
@@ -341,8 +174,8 @@ def _resume(
     A step that fails is logged and the others go on.
     """
     key = (config.memory_root or "", config.namespace, rank)
-    with _STATE:
-        lock = _RESUME_LOCKS.setdefault(key, threading.Lock())
+    with RUNTIME.resumes.lock:
+        lock = RUNTIME.resumes.resume_locks.setdefault(key, threading.Lock())
     with lock:
         check_reachable(durable)
         mem = StepCatalog(memory, config.namespace, log)
@@ -377,7 +210,7 @@ def _resume_step(
     memory, durable = mem.tier, dur.tier
     assert isinstance(memory, MemoryTier)
     listing = mem.files(step)
-    parts = _own_parts(memory, config.namespace, step, listing, rank)
+    parts = own_parts(memory, config.namespace, step, listing, rank)
     if not parts:
         return False
     record = mem.commit(step) if layout.COMMIT_NAME in listing else None
@@ -387,7 +220,7 @@ def _resume_step(
         live = {(r.attempt, r.rank) for r in record.ranks}
         parts = [p for p in parts if (p.attempt, p.rank) in live]
     else:  # not committed on this node: its rank manifests say which parts are durable
-        parts = [p for p in parts if _is_durable_part(memory, mem, p, None)]
+        parts = [p for p in parts if is_durable_part(memory, mem, p, None)]
     coordinator_part = next(
         (p for p in parts if record is not None and p.attempt == record.attempt), None
     )
@@ -403,7 +236,7 @@ def _resume_step(
         if (part.attempt, part.rank) in done:  # durable already: only the marker was missing
             memory.write(mem.key(step, layout.drained_name(part.attempt, part.rank)), [b""])
             continue
-        if _owned_elsewhere(config, memory, part):
+        if owned_elsewhere(config, memory, part):
             if part is coordinator_part:
                 must_commit = False  # the save that is on it writes the commit
             continue
@@ -427,9 +260,9 @@ def _resume_step(
             log,
             coordinator=(coordinator_part.attempt, coordinator_part.rank),
         )
-    with _STATE:
+    with RUNTIME.resumes.lock:
         for part in todo:
-            _FAILED.pop(_key(config, part), None)
+            RUNTIME.resumes.failed.pop(part_key(config, part), None)
     return True
 
 
@@ -438,8 +271,8 @@ def _upload_parts(
     mem: StepCatalog,
     durable: Tier,
     record: CommitRecord | None,
-    parts: list[_Part],
-    coordinator_part: _Part | None,
+    parts: list[Part],
+    coordinator_part: Part | None,
     log: logging.Logger,
 ) -> None:
     """Upload each part (already complete in durable: just mark it); debris goes first."""
@@ -466,12 +299,12 @@ def _upload_parts(
         try:
             upload_rank_part(memory, durable, config.namespace, manifest, log, mark_drained=mark)
         except BaseException as e:
-            with _STATE:
-                _FAILED[_key(config, part)] = f"{type(e).__name__}: {e}"
+            with RUNTIME.resumes.lock:
+                RUNTIME.resumes.failed[part_key(config, part)] = f"{type(e).__name__}: {e}"
             raise
 
 
-def _read_part_manifest(mem: StepCatalog, record: CommitRecord | None, part: _Part) -> RankManifest:
+def _read_part_manifest(mem: StepCatalog, record: CommitRecord | None, part: Part) -> RankManifest:
     """A part's manifest, verified against the commit's checksum when this node has the commit.
 
     A node without the memory commit (its coordinator is elsewhere) uploads the manifest as it
@@ -504,65 +337,3 @@ def _discard_partial(durable: Tier, prefix: str, log: logging.Logger) -> None:
         log.info(
             "Removed %d partial upload(s) of %s left in %s by a crash.", n, prefix, durable.url
         )
-
-
-# --------------------------------------------------------------------------- retrying
-
-
-class _Retrier:
-    """Retries this process's failed drains of one namespace until none is left."""
-
-    def __init__(self, config: CheckpointConfig, rank: int | None) -> None:
-        self.config = config
-        self.rank = rank
-        self.key = (config.memory_root or "", config.namespace, rank)
-        self.wake = threading.Event()
-
-    def run(self) -> None:
-        config, log = self.config, logger_for(self.config)
-        memory = MemoryTier(config.memory_root or "")
-        delay = config.durable_retry_initial_s
-        while True:
-            if self.wake.wait(delay * random.uniform(0.8, 1.2)):
-                self.wake.clear()
-                delay = config.durable_retry_initial_s
-            try:
-                durable = open_durable_tier(config, check=False)
-                _resume(config, memory, durable, self.rank, log)
-            except Exception as e:
-                log.warning(
-                    f"[Rank {self.rank or 0}] Retrying pending durable drains failed: "
-                    f"{type(e).__name__}: {e}"
-                )
-            try:
-                _bound_pending(config, memory, self.rank, log)
-            except OSError as e:
-                log.warning(f"[Rank {self.rank or 0}] durable_max_pending_steps not applied: {e}")
-            delay = min(max(delay, 1e-3) * 2, config.durable_retry_max_s)
-            with _STATE:  # decided under the lock: a failure noted meanwhile is seen here
-                try:
-                    parts = _pending_parts(config, memory, self.rank, log)
-                except OSError:
-                    parts = []
-                if not os.path.isdir(memory.path(config.namespace)) or not any(
-                    not _owned_elsewhere(config, memory, p) for p in parts
-                ):
-                    del _RETRIERS[self.key]
-                    return
-            log.warning(
-                f"[Rank {self.rank or 0}] {len({p.step for p in parts})} durable step(s) "
-                f"({sum(p.nbytes for p in parts)} bytes) stay pinned in the memory tier awaiting "
-                f"{config.durable_base_path}; next retry in about {delay:.1f}s."
-            )
-
-
-def _ensure_retrier(config: CheckpointConfig, rank: int | None) -> None:
-    key = (config.memory_root or "", config.namespace, rank)
-    with _STATE:
-        if key in _RETRIERS:
-            return
-        retrier = _Retrier(config, rank)
-        _RETRIERS[key] = retrier
-    threading.Thread(
-        target=retrier.run, name=f"tierckpt-retry-{config.namespace}", daemon=True
-    ).start()

@@ -32,6 +32,9 @@ class Tier(Protocol):
     every save attempt writes under names of its own, and a commit is a plain atomic write.
     Errors: :class:`KeyNotFoundError` for a missing key, the
     :class:`~tierckpt.errors.DurableTierError` family for a store that fails.
+
+    Library code deletes only through :mod:`tierckpt.catalog` / :mod:`tierckpt.cleanup`,
+    key by key (nothing it cannot prove it wrote); there is no bulk delete in the seam.
     """
 
     name: str
@@ -68,8 +71,4 @@ class Tier(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove ``key``; a missing key is not an error."""
-        ...
-
-    def delete_prefix(self, prefix: str) -> None:
-        """Remove every key under ``prefix/`` (``prefix`` itself is a directory, not a key)."""
         ...
