@@ -96,8 +96,9 @@ class Case:
 def _pending_drain(restart_crash: str) -> Case:
     """Rank 0 killed once every part of durable step 4 is uploaded, before the durable
     metadata and COMMIT: the memory COMMIT of 4 is written and rank 0's part has no
-    .drained marker, so the restart re-uploads it and writes the durable commit. The restart
-    is killed inside that resume at ``restart_crash``."""
+    .drained marker, so the restart's resume finds the part complete in durable, marks it,
+    copies the metadata and writes the durable commit. The restart is killed inside that
+    resume at ``restart_crash``."""
     return Case("drain.before_durable_metadata", 0, step=4, nth=2, restart_crash=restart_crash)
 
 
@@ -132,8 +133,10 @@ CASES = [
     # rank 1 died between its data and its manifest: its part is surely pending (after a
     # crash of rank 0 alone, rank 1's small upload may already have finished)
     Case("drain.after_data", 1, step=4, nth=2, restart_crash="resume.after_upload@1"),
-    _pending_drain("tier.before_put_rename@0#1"),  # re-upload of rank 0's data file
-    _pending_drain("tier.before_put_rename@0#2"),  # the durable metadata, copied from memory
+    # every part is complete in durable, so the resume's first file copy is the metadata
+    _pending_drain("tier.before_put_rename@0#1"),
+    # rank 0 died between its data and its manifest: the resume re-uploads its data file first
+    Case("drain.after_data", 0, step=4, nth=2, restart_crash="tier.before_put_rename@0#1"),
     _pending_drain("drain.after_durable_metadata@0"),
     # rank 1 died mid-upload of its part (so its part is surely pending; a crash of rank 0
     # after its commit raced rank 1's small upload to completion): it dies again resuming it

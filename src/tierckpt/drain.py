@@ -43,11 +43,14 @@ __all__ = [
 ]
 
 
-def check_reachable(durable: Tier) -> None:
-    """Raise :class:`DurableUnavailableError` now if the tier says it is unreachable."""
+def check_reachable(durable: Tier, *, create: bool = True) -> None:
+    """Raise :class:`DurableUnavailableError` now if the tier says it is unreachable.
+
+    ``create=False`` creates nothing (a missing ``file://`` directory is an empty tier).
+    """
     check = getattr(durable, "check_available", None)
     if check is not None:
-        check()
+        check(create=create)
 
 
 def upload_rank_part(

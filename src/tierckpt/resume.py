@@ -177,7 +177,7 @@ def _resume(
     with RUNTIME.resumes.lock:
         lock = RUNTIME.resumes.resume_locks.setdefault(key, threading.Lock())
     with lock:
-        check_reachable(durable)
+        check_reachable(durable, create=False)  # resuming nothing creates nothing
         mem = StepCatalog(memory, config.namespace, log)
         dur = StepCatalog(durable, config.namespace, log)
         resumed = []
