@@ -39,6 +39,7 @@ from ..errors import (
 )
 from ..history import abandoned, mark_unloadable, marked_unloadable, newest_key, observe
 from ..manifest import BlobInfo, checksum
+from ..nodemem import hold_namespace
 from ..resume import resume_pending_once
 from ..tiers.base import Buffer, KeyNotFoundError, Tier
 from ..tiers.durable import open_durable_tier
@@ -107,6 +108,7 @@ class TieredStorageReader(StorageReader):
         self.rank = dist.get_rank() if _dist_ready() else 0
         self.log = logger_for(config)
         self.memory = MemoryTier(config.memory_root or "")
+        hold_namespace(config)  # owns the namespace's node memory, if it is on this node
         # Opened lazily: memory restores never wait for the durable tier to answer.
         self.durable = open_durable_tier(config, check=False)
         self.tiers: list[Tier] = [self.memory, self.durable]

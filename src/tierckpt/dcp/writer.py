@@ -37,6 +37,7 @@ from ..errors import ConfigError, DurableTierError, InvalidStepError, TierckptEr
 from ..history import begin_upload, newest_key, next_generation
 from ..leases import AttemptLease, lease_name
 from ..manifest import BlobInfo, CommitRecord, RankEntry, RankManifest, checksum, rank_manifest
+from ..nodemem import hold_namespace
 from ..resume import note_failure, note_success, resume_pending_once
 from ..retention import make_room, sweep
 from ..staging import PrivateBuffer, StagingBuffer, StagingPool, align, is_full, tensor_bytes
@@ -121,6 +122,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         if not self.save_to_durable:
             self.durable_done.set_result(None)
         self.memory = open_memory_tier(config)  # refuses an untrusted root; creates nothing
+        hold_namespace(config, self.memory)  # this process owns the namespace's node memory
         # Never raises for the durable tier here: a rank failing alone before DCP's
         # collectives would hang the others. An unreachable tier fails the drain instead.
         self.durable = open_durable_tier(config, check=False) if self.save_to_durable else None
