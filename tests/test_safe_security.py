@@ -347,7 +347,7 @@ def test_d22_ls_verify_and_a_reader_create_neither_checkpoints_nor_the_memory_ro
     where = ["-n", NS, "--memory-root", memory_root]
 
     assert cli(["ls", *where]) == 0
-    assert cli(["verify", "--step", "1", *where]) == 0
+    assert cli(["verify", "--step", "1", *where]) == 1  # step 1 exists nowhere (issue 12)
     cfg = CheckpointConfig(namespace=NS, world_size=1, memory_root=memory_root)
     with pytest.raises(FileNotFoundError):  # CheckpointNotFoundError: an empty durable tier
         TieredStorageReader(cfg)

@@ -84,6 +84,15 @@ class Logs:
 
 
 @dataclass
+class Owners:
+    """Owner leases this process holds on node-memory namespaces (see :mod:`tierckpt.nodemem`)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    held: dict[tuple[str, str], Any] = field(default_factory=dict)
+    """(memory root, namespace) -> the owner lease, held for the life of the process."""
+
+
+@dataclass
 class Runtime:
     """All process-wide state of tierckpt."""
 
@@ -91,6 +100,7 @@ class Runtime:
     drains: Drains = field(default_factory=Drains)
     resumes: Resumes = field(default_factory=Resumes)
     logs: Logs = field(default_factory=Logs)
+    owners: Owners = field(default_factory=Owners)
 
 
 RUNTIME = Runtime()

@@ -7,12 +7,13 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 
-from . import __version__, layout
+from . import __version__, layout, nodemem
 from .catalog import StepCatalog
 from .cleanup import step_names
-from .config import CheckpointConfig
+from .config import DEFAULT_MEMORY_ROOT, MEMORY_ROOT_ENV, CheckpointConfig, parse_duration
 from .errors import IntegrityError, TierckptError
 from .history import newest_key
 from .manifest import checksum
@@ -48,8 +49,58 @@ def _foreign_note(names: list[str]) -> str:
     )
 
 
+def _memory_root(args: argparse.Namespace) -> MemoryTier:
+    """The memory tier of ``--memory-root`` (or its default), checked as trusted."""
+    root = args.memory_root or os.environ.get(MEMORY_ROOT_ENV) or DEFAULT_MEMORY_ROOT
+    tier = MemoryTier(os.path.abspath(os.path.expanduser(root)))
+    tier.check_trusted()
+    return tier
+
+
+def cmd_ls_all(args: argparse.Namespace) -> int:
+    """One line per namespace on this node: size, newest save, age, whether a live job owns it."""
+    tier = _memory_root(args)
+    now = time.time()
+    print(f"memory root {tier.root}")
+    names = nodemem.namespaces(tier.root)
+    if not names:
+        print("    (no namespaces)")
+        return 0
+    rows = [("NAMESPACE", "SIZE", "NEWEST SAVE", "AGE", "TTL", "OWNER")]
+    for name in names:
+        try:
+            info = nodemem.namespace_info(tier.root, name)
+        except OSError as e:
+            rows.append((name, "?", f"unreadable: {e}", "", "", ""))
+            continue
+        newest = "-"
+        if info.newest_step is not None:
+            newest = f"step {info.newest_step} gen {info.newest_generation}"
+            if info.newest_save_time is not None:
+                newest += " " + time.strftime(
+                    "%Y-%m-%d %H:%M:%S", time.localtime(info.newest_save_time)
+                )
+        rows.append(
+            (
+                name,
+                nodemem.human_bytes(info.bytes),
+                newest,
+                nodemem.human_age(now - info.last_activity),
+                "-" if info.ttl is None else nodemem.human_age(info.ttl),
+                info.describe_owner(),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    return 0
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
-    """List every step of a namespace in each tier, oldest save first (newest last)."""
+    """List every step of a namespace in each tier, oldest save first (newest last);
+    with --all, every namespace of the node's memory tier."""
+    if args.all:
+        return cmd_ls_all(args)
     cfg = _config(args)
     log = logging.getLogger("tierckpt")
     print(f"namespace {cfg.namespace}")
@@ -97,10 +148,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     cfg = _config(args)
     log = logging.getLogger("tierckpt")
     bad = 0
-    for tier in _tiers(cfg):
+    seen = False
+    tiers = _tiers(cfg)
+    for tier in tiers:
         cat = StepCatalog(tier, cfg.namespace, log)
         record, problem = cat.read_commit(args.step)
         names = step_names(cat, args.step)
+        seen = seen or bool(names) or record is not None or problem is not None
         foreign = [n for n in names if not layout.is_ours(n)]
         if foreign:
             print(
@@ -137,6 +191,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         status = f"missing {missing}" if missing else "all files present"
         print(f"{tier.name:8} step {args.step}: attempt {record.attempt}, {status}")
         bad += len(missing)
+    if not seen:
+        print(
+            f"step {args.step} of namespace {cfg.namespace} exists in no tier "
+            f"({', '.join(t.url for t in tiers)}): nothing to verify"
+        )
+        return 1
     print("OK" if not bad else f"{bad} problem(s) found")
     return 0 if not bad else 1
 
@@ -148,12 +208,63 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_live(root: str, namespace: str) -> int:
+    info = nodemem.namespace_info(root, namespace)
+    print(
+        f"error: namespace {namespace} in {root} is {info.describe_owner()}: a running job "
+        "owns its memory; stop the job first (nothing was removed).",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def cmd_clear_memory(args: argparse.Namespace) -> int:
-    """Free this namespace's memory tier (steps, staging buffers and the buffer pool)."""
+    """Free a namespace's memory tier (steps, staging buffers and the buffer pool), never one
+    a live process owns; with --older-than, every namespace (or -n's) idle that long."""
+    if args.older_than is not None:
+        return _clear_older_than(args, parse_duration(args.older_than, "--older-than"))
     cfg = _config(args)
     tier = open_memory_tier(cfg)
-    tier.delete_prefix(cfg.namespace)
+    with nodemem.release_lock_if_present(tier.root):
+        if nodemem.live_leases(tier.path(cfg.namespace)):
+            return _refuse_live(tier.root, cfg.namespace)
+        tier.delete_prefix(cfg.namespace)
     print(f"removed {tier.root}/{cfg.namespace}")
+    return 0
+
+
+def _clear_older_than(args: argparse.Namespace, older_than: float) -> int:
+    tier = _memory_root(args)
+    if args.namespace is not None:
+        tier.check_trusted(_config(args).namespace)
+        names = [args.namespace] if os.path.isdir(tier.path(args.namespace)) else []
+    else:
+        names = nodemem.namespaces(tier.root)
+    removed = 0
+    for name in names:
+        if nodemem.release_namespace(tier.root, name, older_than=older_than):
+            removed += 1
+            print(f"removed {tier.root}/{name}")
+            continue
+        if not os.path.isdir(tier.path(name)):
+            continue
+        info = nodemem.namespace_info(tier.root, name)
+        if info.live and args.namespace is not None:
+            return _refuse_live(tier.root, name)
+        why = (
+            info.describe_owner()
+            if info.live
+            else f"active {nodemem.human_age(time.time() - info.last_activity)} ago"
+        )
+        print(f"kept {name}: {why}")
+    if not names:
+        print(
+            f"no namespace {args.namespace} in {tier.root}"
+            if args.namespace
+            else f"no namespaces in {tier.root}"
+        )
+    elif not removed:
+        print("nothing removed")
     return 0
 
 
@@ -174,8 +285,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"tierckpt {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def with_location(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--namespace", "-n", required=True, help="the job's namespace")
+    def with_location(
+        sp: argparse.ArgumentParser, required: bool = True
+    ) -> argparse.ArgumentParser:
+        sp.add_argument("--namespace", "-n", required=required, help="the job's namespace")
         sp.add_argument(
             "--memory-root",
             default=None,
@@ -188,11 +301,18 @@ def _parser() -> argparse.ArgumentParser:
         )
         return sp
 
-    with_location(sub.add_parser("ls", help=cmd_ls.__doc__))
+    ls = with_location(sub.add_parser("ls", help=cmd_ls.__doc__), required=False)
+    ls.add_argument("--all", action="store_true", help="every namespace on this node (no -n)")
     v = with_location(sub.add_parser("verify", help=cmd_verify.__doc__))
     v.add_argument("--step", type=int, required=True)
     with_location(sub.add_parser("resume", help=cmd_resume.__doc__))
-    with_location(sub.add_parser("clear-memory", help=cmd_clear_memory.__doc__))
+    c = with_location(sub.add_parser("clear-memory", help=cmd_clear_memory.__doc__), False)
+    c.add_argument(
+        "--older-than",
+        default=None,
+        metavar="DURATION",
+        help="remove namespaces (or -n's) idle this long and owned by no live job: 30m, 2h, 7d",
+    )
     sub.add_parser("bench", help=cmd_bench.__doc__, add_help=False)
     return p
 
@@ -203,7 +323,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if argv[:1] == ["bench"]:
         return cmd_bench(argparse.Namespace(), argv[1:])
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "ls" and not args.all and args.namespace is None:
+        parser.error("ls needs -n NAMESPACE, or --all for every namespace on this node")
+    if args.command == "clear-memory" and args.older_than is None and args.namespace is None:
+        parser.error("clear-memory needs -n NAMESPACE, or --older-than DURATION")
     commands = {
         "ls": cmd_ls,
         "verify": cmd_verify,

@@ -14,6 +14,7 @@ from .errors import ConfigError
 __all__ = [
     "DEFAULT_MEMORY_ROOT",
     "CheckpointConfig",
+    "parse_duration",
     "parse_memory_budget",
     "require_config",
     "resolve_durable_url",
@@ -77,6 +78,24 @@ def parse_memory_budget(value: int | str | None) -> int | None:
     )
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: float | str, what: str = "duration") -> float:
+    """Seconds from a number or a string such as ``"90s"``, ``"30m"``, ``"2h"``, ``"7d"``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value >= 0:
+            return float(value)
+    elif isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+    raise ConfigError(
+        f"{what}={value!r}: give seconds >= 0 or a duration like '90s', '30m', '2h', '7d'."
+    )
+
+
 def resolve_durable_url(value: str | None) -> str:
     """Normalise the durable location to an absolute ``file://`` URL or an ``s3://`` URL."""
     if value is None or value == "":
@@ -129,7 +148,12 @@ class CheckpointConfig:
     save_to_durable: bool = False
     """Default for writers: also drain each saved step to the durable tier."""
     memory_budget: int | str | None = None
-    """Bound on the memory tier of this node: bytes, ``'8GiB'``, or ``'40%'`` of host RAM."""
+    """Bound on the memory tier of this node: bytes, ``'8GiB'``, or ``'40%'`` of host RAM.
+
+    It counts every byte under ``memory_root``: all namespaces on this node, other jobs'
+    leftovers included, since they share the same RAM. A save evicts only its own
+    namespace's steps, and releases other namespaces only when their ``memory_ttl`` passed
+    and no live process owns them; free the rest with ``tierckpt clear-memory``."""
     logger: logging.Logger | None = None
     """Logger for tierckpt's messages; default the ``tierckpt`` logger."""
     memory_keep_last: int = 3
@@ -171,6 +195,13 @@ class CheckpointConfig:
     s3_tier_base_path: InitVar[str | None] = None
     save_to_s3: InitVar[bool | None] = None
     memory_budget_bytes: int | None = field(init=False, default=None)
+    memory_ttl: float | str | None = None
+    """Seconds (or ``'30m'``, ``'2h'``, ``'7d'``) after which this namespace's node memory is
+    released once the job is finished: no live process owns it and nothing in it changed for
+    that long. Stored with the namespace on the node, and applied by any later tierckpt writer
+    or reader of the same memory root (and by a save that would exceed ``memory_budget``).
+    None (the default) keeps it until ``tierckpt clear-memory``."""
+    memory_ttl_s: float | None = field(init=False, default=None)
 
     def __post_init__(self, s3_tier_base_path: str | None, save_to_s3: bool | None) -> None:
         if s3_tier_base_path is not None:
@@ -197,7 +228,10 @@ class CheckpointConfig:
             raise ConfigError(f"world_size={self.world_size!r}: must be a positive int.")
         if self.world_size <= 0:
             raise ConfigError(f"world_size={self.world_size}: must be > 0.")
+        default_durable = self.durable_base_path in (None, "")
         self.durable_base_path = resolve_durable_url(self.durable_base_path)
+        if default_durable:
+            _log_default_durable(self.log, self.durable_base_path)
         root = self.memory_root or os.environ.get(MEMORY_ROOT_ENV) or DEFAULT_MEMORY_ROOT
         self.memory_root = os.path.abspath(os.path.expanduser(root))
         self.memory_budget_bytes = parse_memory_budget(self.memory_budget)
@@ -229,11 +263,30 @@ class CheckpointConfig:
         v = self.durable_max_pending_steps
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"durable_max_pending_steps={v!r}: must be an int >= 1.")
+        if self.memory_ttl is not None:
+            self.memory_ttl_s = parse_duration(self.memory_ttl, "memory_ttl")
 
     @property
     def log(self) -> logging.Logger:
         """The logger tierckpt writes to."""
         return self.logger or logging.getLogger("tierckpt")
+
+
+def _log_default_durable(log: logging.Logger, url: str) -> None:
+    """Say once per process (per location) where the default durable tier is."""
+    from ._runtime import RUNTIME
+
+    key = ("default-durable", url)
+    with RUNTIME.logs.lock:
+        if key in RUNTIME.logs.warned:
+            return
+        RUNTIME.logs.warned.add(key)
+    log.info(
+        "No durable_base_path given: the durable tier is %s (./%s of the working directory "
+        "when the config was built).",
+        url,
+        DEFAULT_DURABLE_DIR,
+    )
 
 
 def require_config(config: object) -> CheckpointConfig:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from . import layout
+from . import layout, nodemem
 from ._faults import crash_point
 from .catalog import StepCatalog
 from .cleanup import (
@@ -237,9 +237,14 @@ def make_room(catalog: StepCatalog, needed: int, budget: int | None, log: loggin
         used = tier.usage_bytes()
         if used + needed <= budget:
             return
+    if nodemem.release_expired(tier.root, log, exclude=catalog.namespace):
+        used = tier.usage_bytes()  # finished jobs' namespaces whose memory_ttl passed
+        if used + needed <= budget:
+            return
     raise MemoryBudgetError(
         f"The memory tier at {tier.root} holds {used} bytes; {needed} more would exceed the "
-        f"budget of {budget} bytes and no step may be evicted (the newest committed step and "
-        "steps still draining to the durable tier are kept). Raise memory_budget, save less "
-        "often, or wait for pending durable drains."
+        f"budget of {budget} bytes and no step of namespace {catalog.namespace} may be evicted "
+        "(the newest committed step and steps still draining to the durable tier are kept). "
+        f"{nodemem.budget_help(tier.root)} Or raise memory_budget, save less often, or wait "
+        "for pending durable drains."
     )

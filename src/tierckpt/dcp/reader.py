@@ -27,6 +27,7 @@ from ..config import CheckpointConfig, require_config
 from ..errors import IntegrityError
 from ..fetch import Blob, Fetcher
 from ..manifest import BlobInfo
+from ..nodemem import hold_namespace
 from ..restore import Finder
 from ..tiers.base import Buffer, Tier
 from ..tiers.durable import open_durable_tier
@@ -73,6 +74,7 @@ class TieredStorageReader(StorageReader):
         self.attempt: str | None = None
         self._metadata: Metadata | None = None
         self._storage_data: dict[Any, BlobInfo] = {}
+        hold_namespace(config)  # owns the namespace's node memory, if it is on this node
         if resolve_now:  # else in read_metadata, i.e. inside dcp.load (still collective)
             self._resolve()  # collective when torch.distributed is initialised
 

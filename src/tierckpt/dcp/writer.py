@@ -28,6 +28,7 @@ from ..config import CheckpointConfig, require_config
 from ..drain import set_exit_wait
 from ..leases import AttemptLease, lease_name
 from ..manifest import BlobInfo, RankManifest
+from ..nodemem import hold_namespace
 from ..resume import resume_pending_once
 from ..saving import PartItem, RankPart, commit_memory, write_rank_part
 from ..staging import PrivateBuffer, StagingBuffer
@@ -80,6 +81,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         if not self.save_to_durable:
             self.durable_done.set_result(None)
         self.memory = open_memory_tier(config)  # refuses an untrusted root; creates nothing
+        hold_namespace(config, self.memory)  # this process owns the namespace's node memory
         # Never raises for the durable tier here: a rank failing alone before DCP's
         # collectives would hang the others. An unreachable tier fails the drain instead.
         self.durable = open_durable_tier(config, check=False) if self.save_to_durable else None
