@@ -34,6 +34,7 @@ from ._retry import bound_pending, ensure_retrier
 from ._runtime import RUNTIME
 from .catalog import StepCatalog
 from .config import CheckpointConfig
+from .destination import job_config
 from .drain import (
     check_reachable,
     clear_failed,
@@ -84,18 +85,23 @@ def resume_pending(config: CheckpointConfig, *, rank: int | None = None) -> Futu
     lone process) writes the durable commit once every part is there. Never raises here: an
     unreachable durable tier fails the future, and the pending parts are retried. Returns a
     future of the steps resumed; a step that fails is logged and the others go on.
+
+    The drain goes to the destination the job's writers recorded in the memory tier
+    (:mod:`tierckpt.destination`) when ``config.durable_base_path`` is the default; a
+    different explicit one fails the future with a :class:`ConfigError` naming both.
     """
     rank = default_rank(rank)
     log = logger_for(config)
 
     def job() -> list[int]:
         memory = open_memory_tier(config)  # refuses an untrusted root (fails the future)
+        cfg = job_config(config)  # the job's own destination, or a ConfigError
         try:
-            durable = open_durable_tier(config, check=False)
-            return _resume(config, memory, durable, rank, log)
+            durable = open_durable_tier(cfg, check=False)
+            return _resume(cfg, memory, durable, rank, log)
         finally:
-            if retryable(config, memory, rank, log):
-                ensure_retrier(config, rank, _resume)
+            if retryable(cfg, memory, rank, log):
+                ensure_retrier(cfg, rank, _resume)
 
     return run_in_background(job, name="tierckpt-resume", wait_at_exit=True)
 

@@ -25,6 +25,7 @@ from .. import layout
 from .._drain_start import start_durable_commit, start_upload, watch_commit
 from .._log import logger_for, step_message
 from ..config import CheckpointConfig, require_config
+from ..destination import record_destination
 from ..drain import set_exit_wait
 from ..leases import AttemptLease, lease_name
 from ..manifest import BlobInfo, RankManifest
@@ -243,6 +244,8 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             self._private,
         )
         self._staging = self._private = None
+        if self._durable:  # before the manifest that says durable: resumes find where to go
+            record_destination(self.memory, self.config)
         written = write_rank_part(
             self.memory, self.config, part, install=getattr(glob, "install", None), started=t0
         )
