@@ -90,12 +90,16 @@ def record_destination(memory: MemoryTier, config: CheckpointConfig) -> None:
     memory.write(layout.destination_key(config.namespace), [dest.to_json()])
 
 
-def job_config(config: CheckpointConfig, *, explicit: bool | None = None) -> CheckpointConfig:
+def job_config(
+    config: CheckpointConfig, *, explicit: bool | None = None, refuse: bool = True
+) -> CheckpointConfig:
     """``config`` reaching the job's recorded durable destination.
 
     ``explicit``: whether ``config.durable_base_path`` was given by the user (None: given
     unless it is the default ``./checkpoints``). An explicit location that differs from
-    the recorded one raises :class:`ConfigError` naming both. Without a record, ``config``.
+    the recorded one raises :class:`ConfigError` naming both (with ``refuse=False`` the
+    explicit one is kept: code that names a destination chose it). Without a record,
+    ``config``.
     """
     current = config.durable_base_path or resolve_durable_url(None)
     if explicit is None:
@@ -110,6 +114,8 @@ def job_config(config: CheckpointConfig, *, explicit: bool | None = None) -> Che
     if rec is None:
         return config
     if rec.url != current and explicit:
+        if not refuse:
+            return config
         raise ConfigError(
             f"Namespace {config.namespace!r} drains to {rec.url} (recorded by its writers in "
             f"{memory.path(layout.destination_key(config.namespace))}), but the durable "

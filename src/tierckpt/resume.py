@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from . import layout
 from ._faults import crash_point
-from ._log import logger_for, step_message
+from ._log import logger_for, step_message, summary
 from ._pending import (
     Part,
     default_rank,
@@ -87,15 +87,16 @@ def resume_pending(config: CheckpointConfig, *, rank: int | None = None) -> Futu
     future of the steps resumed; a step that fails is logged and the others go on.
 
     The drain goes to the destination the job's writers recorded in the memory tier
-    (:mod:`tierckpt.destination`) when ``config.durable_base_path`` is the default; a
-    different explicit one fails the future with a :class:`ConfigError` naming both.
+    (:mod:`tierckpt.destination`) when ``config.durable_base_path`` is left at its default
+    (``./checkpoints``); a durable location the config names explicitly is used as given.
+    (``tierckpt resume --durable`` refuses one that differs from the record.)
     """
     rank = default_rank(rank)
     log = logger_for(config)
 
     def job() -> list[int]:
         memory = open_memory_tier(config)  # refuses an untrusted root (fails the future)
-        cfg = job_config(config)  # the job's own destination, or a ConfigError
+        cfg = job_config(config, refuse=False)  # the job's own, unless config names one
         try:
             durable = open_durable_tier(cfg, check=False)
             return _resume(cfg, memory, durable, rank, log)
@@ -266,6 +267,7 @@ def _resume_step(
             log,
             coordinator=(coordinator_part.attempt, coordinator_part.rank),
         )
+        summary(log, f"step {step} durable in {durable.url} (resumed)")
     with RUNTIME.resumes.lock:
         for part in todo:
             RUNTIME.resumes.failed.pop(part_key(config, part), None)
