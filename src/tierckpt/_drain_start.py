@@ -7,9 +7,10 @@ background retry and reported through ``durable_done`` as typed errors.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future
 
-from ._log import logger_for, step_message
+from ._log import logger_for, step_message, summary
 from .config import CheckpointConfig
 from .drain import (
     check_reachable,
@@ -118,6 +119,7 @@ def start_durable_commit(
 ) -> None:
     """Commit ``record`` in the durable tier in the background, after this rank's upload."""
     timeout, log = config.durable_commit_timeout_s, logger_for(config)
+    t0 = time.perf_counter()
 
     def commit() -> None:
         try:
@@ -137,6 +139,9 @@ def start_durable_commit(
             done.set_exception(as_drain_error(e, record.step))
             log.error(step_message(rank, record.step, f"Durable drain failed: {e}"))
             return
+        summary(
+            log, f"step {record.step} durable in {durable.url} ({time.perf_counter() - t0:.1f} s)"
+        )
         done.set_result(None)
         note_success(config, rank)
         sweep_durable(config, durable, log)

@@ -79,6 +79,10 @@ class Logs:
     lock: threading.Lock = field(default_factory=threading.Lock)
     file_handlers: dict[tuple[str, str], logging.Handler] = field(default_factory=dict)
     """(logger name, log file) -> the file handler attached to that logger."""
+    default_handler: logging.Handler | None = None
+    """The stderr handler attached to the ``tierckpt`` logger while nothing is configured."""
+    default_set_level: bool = False
+    """Whether tierckpt set the ``tierckpt`` logger's level (undone when the handler goes)."""
     warned: set[tuple[str, ...]] = field(default_factory=set)
     """Keys of the warnings already given (:func:`tierckpt._log.warn_once`)."""
 

@@ -14,6 +14,7 @@ from . import __version__, layout, nodemem
 from .catalog import StepCatalog
 from .cleanup import step_names
 from .config import DEFAULT_MEMORY_ROOT, MEMORY_ROOT_ENV, CheckpointConfig, parse_duration
+from .destination import job_config
 from .errors import IntegrityError, TierckptError
 from .history import newest_key
 from .manifest import checksum
@@ -27,12 +28,15 @@ __all__ = ["main"]
 
 
 def _config(args: argparse.Namespace) -> CheckpointConfig:
-    return CheckpointConfig(
+    """The job's config: without ``--durable`` its recorded destination (a conflicting
+    ``--durable`` is a :class:`ConfigError` naming both)."""
+    cfg = CheckpointConfig(
         namespace=args.namespace,
         world_size=1,
         memory_root=args.memory_root,
         durable_base_path=args.durable,
     )
+    return job_config(cfg, explicit=args.durable is not None)
 
 
 def _tiers(cfg: CheckpointConfig) -> list[Tier]:
@@ -297,7 +301,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--durable",
             default=None,
-            help="file:///dir or s3://bucket/prefix (default ./checkpoints)",
+            help="file:///dir or s3://bucket/prefix (default: where the job's writers said it "
+            "drains, recorded in the memory tier; else ./checkpoints)",
         )
         return sp
 

@@ -92,7 +92,7 @@ def upload_rank_part(
             drains.in_flight.discard((namespace, step, attempt, rank))
     if mark_drained:  # the coordinator's part is marked once the durable commit is written
         memory.write(layout.step_key(namespace, step, layout.drained_name(attempt, rank)), [b""])
-    log.info(
+    log.debug(
         step_message(
             rank,
             step,
@@ -235,7 +235,7 @@ def _commit_durable(
             layout.step_key(record.namespace, record.step, layout.drained_name(attempt, rank)),
             [b""],
         )
-    log.info(
+    log.debug(
         step_message(
             0,
             record.step,

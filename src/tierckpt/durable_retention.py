@@ -97,7 +97,7 @@ def sweep_durable(config: CheckpointConfig, durable: Tier, log: logging.Logger) 
             if record is not None and step not in keep:
                 retire_step(catalog, step, keep=in_use - _attempts(record))
                 deleted.append(step)
-                log.info("Durable retention deleted step %d from %s.", step, durable.url)
+                log.debug("Durable retention deleted step %d from %s.", step, durable.url)
             elif record is not None:
                 # Superseded attempts' files. An attempt still uploading is in ``in_use``: the
                 # coordinator (which takes part in every save) holds its lease, its memory

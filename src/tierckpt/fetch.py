@@ -105,7 +105,7 @@ class Fetcher:
                 # Absent files are routine (a node restarted, a step only in durable);
                 # bytes that fail their checksum or cannot be read are worth a warning.
                 self.log.log(
-                    logging.WARNING if corrupt else logging.INFO,
+                    logging.WARNING if corrupt else logging.DEBUG,
                     step_message(
                         self.rank,
                         self.step,

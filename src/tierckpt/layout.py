@@ -11,6 +11,10 @@ A step lives under ``<namespace>/step_<N>/`` in every tier:
     <attempt>.unloadable-r<rank>     memory tier only: that rank found no valid copy of a blob
     COMMIT                           the commit record, written last
 
+Each namespace of the memory tier also holds ``<namespace>/.durable.json``: where the job
+drains (URL, S3 endpoint and region; never credentials), for ``tierckpt resume`` / ``ls`` /
+``verify`` and ``resume_pending`` (:mod:`tierckpt.destination`).
+
 Only names :func:`is_ours` recognises are ever deleted by tierckpt.
 """
 
@@ -23,8 +27,10 @@ from .errors import InvalidStepError
 
 __all__ = [
     "COMMIT_NAME",
+    "DESTINATION_NAME",
     "attempt_of",
     "data_name",
+    "destination_key",
     "drained_name",
     "failed_name",
     "is_ours",
@@ -45,6 +51,8 @@ __all__ = [
 ]
 
 COMMIT_NAME = "COMMIT"
+DESTINATION_NAME = ".durable.json"
+"""Per namespace, memory tier: the job's durable destination (see :mod:`tierckpt.destination`)."""
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _STEP_IN_PATH = re.compile(r"(?:^|[/\\])step_(\d+)(?:$|[/\\])")
 _ATTEMPT = re.compile(r"^[0-9a-f]{12}$")
@@ -67,6 +75,11 @@ def step_dir(namespace: str, step: int) -> str:
 def step_key(namespace: str, step: int, name: str) -> str:
     """The key of one file of a step."""
     return f"{step_dir(namespace, step)}/{name}"
+
+
+def destination_key(namespace: str) -> str:
+    """The key, in the memory tier, of the namespace's recorded durable destination."""
+    return f"{namespace}/{DESTINATION_NAME}"
 
 
 def data_name(attempt: str, rank: int) -> str:

@@ -212,7 +212,7 @@ class Finder:
                 )
         newer_abandoned = sorted({s for s, _ in gone if s > choice[0]})
         if newer_abandoned:
-            self.log.info(
+            self.log.debug(
                 step_message(
                     self.rank,
                     choice[0],

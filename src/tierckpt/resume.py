@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from . import layout
 from ._faults import crash_point
-from ._log import logger_for, step_message
+from ._log import logger_for, step_message, summary
 from ._pending import (
     Part,
     default_rank,
@@ -34,6 +34,7 @@ from ._retry import bound_pending, ensure_retrier
 from ._runtime import RUNTIME
 from .catalog import StepCatalog
 from .config import CheckpointConfig
+from .destination import job_config
 from .drain import (
     check_reachable,
     clear_failed,
@@ -84,18 +85,24 @@ def resume_pending(config: CheckpointConfig, *, rank: int | None = None) -> Futu
     lone process) writes the durable commit once every part is there. Never raises here: an
     unreachable durable tier fails the future, and the pending parts are retried. Returns a
     future of the steps resumed; a step that fails is logged and the others go on.
+
+    The drain goes to the destination the job's writers recorded in the memory tier
+    (:mod:`tierckpt.destination`) when ``config.durable_base_path`` is left at its default
+    (``./checkpoints``); a durable location the config names explicitly is used as given.
+    (``tierckpt resume --durable`` refuses one that differs from the record.)
     """
     rank = default_rank(rank)
     log = logger_for(config)
 
     def job() -> list[int]:
         memory = open_memory_tier(config)  # refuses an untrusted root (fails the future)
+        cfg = job_config(config, refuse=False)  # the job's own, unless config names one
         try:
-            durable = open_durable_tier(config, check=False)
-            return _resume(config, memory, durable, rank, log)
+            durable = open_durable_tier(cfg, check=False)
+            return _resume(cfg, memory, durable, rank, log)
         finally:
-            if retryable(config, memory, rank, log):
-                ensure_retrier(config, rank, _resume)
+            if retryable(cfg, memory, rank, log):
+                ensure_retrier(cfg, rank, _resume)
 
     return run_in_background(job, name="tierckpt-resume", wait_at_exit=True)
 
@@ -260,6 +267,7 @@ def _resume_step(
             log,
             coordinator=(coordinator_part.attempt, coordinator_part.rank),
         )
+        summary(log, f"step {step} durable in {durable.url} (resumed)")
     with RUNTIME.resumes.lock:
         for part in todo:
             RUNTIME.resumes.failed.pop(part_key(config, part), None)

@@ -162,7 +162,7 @@ def sweep(catalog: StepCatalog, keep_last: int, log: logging.Logger) -> int:
             log.info("Evicting step %d from the memory tier: a later save rewound past it.", step)
         elif excess > 0:
             excess -= 1
-            log.info(
+            log.debug(
                 "Evicting step %d from the memory tier (memory_keep_last=%d).", step, keep_last
             )
         else:

@@ -239,7 +239,7 @@ def write_rank_part(
         layout.step_key(ns, step, layout.manifest_name(attempt, rank)), [manifest.to_json()]
     )
     crash_point("save.after_manifest")
-    log.info(
+    log.debug(
         step_message(
             rank,
             step,
@@ -337,6 +337,6 @@ def commit_memory(
             record.to_json(),
             metadata,
         )
-    log.info(step_message(rank, step, f"Memory commit written in {time.perf_counter() - t0:.3f}s"))
+    log.debug(step_message(rank, step, f"Memory commit written in {time.perf_counter() - t0:.3f}s"))
     sweep(catalog, config.memory_keep_last, log)
     return record

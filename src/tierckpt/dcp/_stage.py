@@ -165,7 +165,7 @@ def stage_for_rank(
         raise
     crash_point("save.after_stage")
     kind = buffer.kind if buffer is not None else "no shard of its own"
-    logger_for(config).info(
+    logger_for(config).debug(
         step_message(
             rank,
             step,

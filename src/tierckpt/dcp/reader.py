@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 
 from .. import layout
-from .._log import logger_for, rate, step_message
+from .._log import logger_for, megabytes, rate, step_message, summary
 from ..config import CheckpointConfig, require_config
 from ..errors import IntegrityError
 from ..fetch import Blob, Fetcher
@@ -102,7 +102,7 @@ class TieredStorageReader(StorageReader):
         choice, source = self.finder.agree(self._all_gather, self.requested_step)
         self.step, self.attempt = choice
         self._metadata = self.finder.read_metadata(source, _unpickle_metadata)
-        self.log.info(
+        self.log.debug(
             step_message(
                 self.rank,
                 self.step,
@@ -187,13 +187,21 @@ class TieredStorageReader(StorageReader):
         by_tier = ", ".join(
             f"{k}={v - before.get(k, 0)}" for k, v in self.bytes_read_by_tier.items()
         )
-        self.log.info(
+        seconds = time.perf_counter() - t0
+        self.log.debug(
             step_message(
                 self.rank,
                 self.step,
-                f"Read {len(plan.items)} items, {rate(total, time.perf_counter() - t0)}; bytes by tier: {by_tier}",
+                f"Read {len(plan.items)} items, {rate(total, seconds)}; bytes by tier: {by_tier}",
             )
         )
+        if self.rank == 0:
+            tiers = [k for k, v in self.bytes_read_by_tier.items() if v > before.get(k, 0)]
+            summary(
+                self.log,
+                f"loaded step {self.step} from {' and '.join(tiers) or 'memory'} "
+                f"({megabytes(total)} in {seconds:.2f} s)",
+            )
         fut: torch.futures.Future[None] = torch.futures.Future()
         fut.set_result(None)
         return fut

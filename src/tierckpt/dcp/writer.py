@@ -23,8 +23,9 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from .. import layout
 from .._drain_start import start_durable_commit, start_upload, watch_commit
-from .._log import logger_for, step_message
+from .._log import logger_for, megabytes, step_message, summary
 from ..config import CheckpointConfig, require_config
+from ..destination import record_destination
 from ..drain import set_exit_wait
 from ..leases import AttemptLease, lease_name
 from ..manifest import BlobInfo, RankManifest
@@ -222,8 +223,8 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
                     "save_to_durable differs from the coordinator's; following the coordinator.",
                 )
             )
-        t0 = time.perf_counter()
-        log.info(
+        t0 = self._write_started = time.perf_counter()
+        log.debug(
             step_message(
                 self.rank, self.step, f"Starting checkpoint write ({len(plan.items)} items)"
             )
@@ -245,6 +246,8 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             self._private,
         )
         self._staging = self._private = None
+        if self._durable:  # before the manifest that says durable: resumes find where to go
+            record_destination(self.memory, self.config)
         written = write_rank_part(
             self.memory, self.config, part, install=getattr(glob, "install", None), started=t0
         )
@@ -297,6 +300,13 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             parts=parts,
             metadata=md_bytes,
             started=t0,
+        )
+        seconds = time.perf_counter() - getattr(self, "_write_started", t0)
+        nbytes = sum(b.length for _, blobs in parts for b in blobs)
+        summary(
+            logger_for(self.config),
+            f"step {self.step} saved to memory in {seconds:.3f} s ({megabytes(nbytes)}, "
+            f"{nbytes / 1e6 / max(seconds, 1e-9):.1f} MB/s)",
         )
         if self._durable:
             start_durable_commit(
