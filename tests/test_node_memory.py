@@ -25,6 +25,7 @@ from fixtures_dist import run_ranks
 from tierckpt import CheckpointConfig, ConfigError
 from tierckpt.cleanup import live_attempts
 from tierckpt.leases import LEASE_DIR, sweep_leases
+from tierckpt.tiers.durable import open_durable_tier
 from tierckpt.tiers.memory import MemoryTier
 
 
@@ -249,6 +250,8 @@ def test_i6_the_default_durable_dir_is_resolved_to_an_absolute_path_and_logged_o
         namespace="x", world_size=1, memory_root="/dev/shm/unused", logger=log
     )
     first, second = make(), make()
+    for cfg in (first, second):  # said when the default tier is first used, once
+        open_durable_tier(cfg, check=False)
 
     expected = f"file://{tmp_path}/checkpoints"
     assert first.durable_base_path == second.durable_base_path == expected

@@ -195,6 +195,8 @@ class CheckpointConfig:
     s3_tier_base_path: InitVar[str | None] = None
     save_to_s3: InitVar[bool | None] = None
     memory_budget_bytes: int | None = field(init=False, default=None)
+    durable_defaulted: bool = field(init=False, default=False)
+    """True when no durable location was given (``./checkpoints`` was resolved instead)."""
     memory_ttl: float | str | None = None
     """Seconds (or ``'30m'``, ``'2h'``, ``'7d'``) after which this namespace's node memory is
     released once the job is finished: no live process owns it and nothing in it changed for
@@ -228,10 +230,8 @@ class CheckpointConfig:
             raise ConfigError(f"world_size={self.world_size!r}: must be a positive int.")
         if self.world_size <= 0:
             raise ConfigError(f"world_size={self.world_size}: must be > 0.")
-        default_durable = self.durable_base_path in (None, "")
+        self.durable_defaulted = self.durable_base_path in (None, "")
         self.durable_base_path = resolve_durable_url(self.durable_base_path)
-        if default_durable:
-            _log_default_durable(self.log, self.durable_base_path)
         root = self.memory_root or os.environ.get(MEMORY_ROOT_ENV) or DEFAULT_MEMORY_ROOT
         self.memory_root = os.path.abspath(os.path.expanduser(root))
         self.memory_budget_bytes = parse_memory_budget(self.memory_budget)
@@ -272,8 +272,11 @@ class CheckpointConfig:
         return self.logger or logging.getLogger("tierckpt")
 
 
-def _log_default_durable(log: logging.Logger, url: str) -> None:
-    """Say once per process (per location) where the default durable tier is."""
+def log_default_durable(config: CheckpointConfig) -> None:
+    """Say once per process (per location) where the default durable tier is, when used."""
+    if not config.durable_defaulted:
+        return
+    log, url = config.log, config.durable_base_path or ""
     from ._runtime import RUNTIME
 
     key = ("default-durable", url)

@@ -19,6 +19,9 @@ def open_durable_tier(config: CheckpointConfig, *, check: bool = True, create: b
     ``create=False`` (readers, read-only commands) creates nothing: a missing ``file://``
     directory is an empty tier.
     """
+    from ..config import log_default_durable
+
+    log_default_durable(config)
     url = config.durable_base_path or ""
     if url.startswith("s3://"):
         from .s3 import S3Tier
