@@ -7,6 +7,7 @@ from .dcp.writer import TieredStorageWriter
 from .drain import wait_for_drains
 from .errors import (
     CheckpointNotFoundError,
+    CollectiveTimeoutError,
     ConfigError,
     DurableTierError,
     DurableUnavailableError,
@@ -23,6 +24,7 @@ from .resume import PendingDrain, pending_drains, resume_pending
 __all__ = [
     "CheckpointConfig",
     "CheckpointNotFoundError",
+    "CollectiveTimeoutError",
     "ConfigError",
     "DurableTierError",
     "DurableUnavailableError",

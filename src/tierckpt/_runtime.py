@@ -97,6 +97,18 @@ class Owners:
 
 
 @dataclass
+class Collectives:
+    """tierckpt's own collective steps: how many of each this process has entered."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    sequence: dict[tuple[str, ...], int] = field(default_factory=dict)
+    """(kind, namespace, ranks) -> how many such steps this process entered (the store key)."""
+    last_save: dict[tuple[str, str], Any] = field(default_factory=dict)
+    """(memory root, namespace) -> the turn (:class:`tierckpt.dcp._inflight.Turn`) of the
+    newest save started in this process: the next save waits for it to finish."""
+
+
+@dataclass
 class Runtime:
     """All process-wide state of tierckpt."""
 
@@ -105,6 +117,7 @@ class Runtime:
     resumes: Resumes = field(default_factory=Resumes)
     logs: Logs = field(default_factory=Logs)
     owners: Owners = field(default_factory=Owners)
+    collectives: Collectives = field(default_factory=Collectives)
 
 
 RUNTIME = Runtime()

@@ -9,6 +9,7 @@ instead, with every rank's error in its ``failures`` attribute. :func:`load` wit
 from __future__ import annotations
 
 import os
+import re
 from concurrent.futures import Future
 from typing import Any
 
@@ -21,7 +22,7 @@ from .config import CheckpointConfig
 from .constants import MAX_LOAD_FALLBACKS
 from .dcp.reader import TieredStorageReader
 from .dcp.writer import TieredStorageWriter
-from .errors import StepUnloadableError, TierckptError
+from .errors import IntegrityError, StepUnloadableError, TierckptError
 
 __all__ = ["MAX_FALLBACKS", "async_save", "load", "save"]
 
@@ -39,13 +40,41 @@ def failures_of(error: CheckpointException) -> dict[int, BaseException]:
     return out
 
 
-def _typed(error: CheckpointException) -> BaseException:
+_SIZE_MISMATCH = re.compile(
+    r"Size mismatch between saved (?P<saved>.+?) and current: (?P<current>.+?) for (?P<fqn>\S+)"
+)
+
+
+def _shape(text: str) -> str:
+    """``(2, 3)`` from DCP's ``torch.Size([2, 3])``."""
+    m = re.fullmatch(r"torch\.Size\(\[(.*)\]\)", text.strip())
+    if m is None:
+        return text
+    dims = [d.strip() for d in m.group(1).split(",") if d.strip()]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def _translated(inner: BaseException, step: int | None) -> TierckptError | None:
+    """tierckpt's error for a DCP error it documents another way (a shape mismatch)."""
+    m = _SIZE_MISMATCH.search(str(inner)) if isinstance(inner, ValueError) else None
+    if m is None:
+        return None
+    at = f"Step {step}: " if step is not None else ""
+    return IntegrityError(
+        f"{at}{m['fqn']} has shape {_shape(m['saved'])} in the checkpoint but "
+        f"{_shape(m['current'])} in the state dict being loaded. Build the model with the "
+        "shapes it was saved with (or load another step)."
+    )
+
+
+def _typed(error: CheckpointException, step: int | None = None) -> BaseException:
     """The first rank's tierckpt error (every rank's in ``.failures``), else ``error``."""
     failures = failures_of(error)
     for inner in failures.values():
-        if isinstance(inner, TierckptError):
-            inner.failures = failures  # type: ignore[attr-defined]
-            return inner
+        typed = inner if isinstance(inner, TierckptError) else _translated(inner, step)
+        if typed is not None:
+            typed.failures = failures  # type: ignore[attr-defined]
+            return typed
     return error
 
 
@@ -74,7 +103,7 @@ def load(
             unloadable = any(isinstance(f, StepUnloadableError) for f in failures.values())
             if unloadable and step is None and tries < MAX_FALLBACKS:
                 continue  # every rank saw the same failures: every rank retries
-            raise _typed(e) from e
+            raise _typed(e, reader.step) from e
         assert reader.step is not None
         return reader.step
     raise AssertionError("unreachable")

@@ -192,6 +192,10 @@ class CheckpointConfig:
     durable_exit_wait_s: float = EXIT_WAIT_S
     """At interpreter exit, how long to wait for durable drains still running; what is
     abandoned is logged and resumed by the next run (``resume_pending``)."""
+    collective_timeout_s: float = 300.0
+    """How long tierckpt's own collective steps (the ranks' agreement on the step to load, a
+    save waiting for the previous one of this namespace) wait for every rank before raising
+    :class:`~tierckpt.errors.CollectiveTimeoutError` naming the ranks that did not arrive."""
     s3_tier_base_path: InitVar[str | None] = None
     save_to_s3: InitVar[bool | None] = None
     memory_budget_bytes: int | None = field(init=False, default=None)
@@ -265,6 +269,9 @@ class CheckpointConfig:
             raise ConfigError(f"durable_max_pending_steps={v!r}: must be an int >= 1.")
         if self.memory_ttl is not None:
             self.memory_ttl_s = parse_duration(self.memory_ttl, "memory_ttl")
+        v = self.collective_timeout_s
+        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+            raise ConfigError(f"collective_timeout_s={v!r}: must be a number of seconds > 0.")
 
     @property
     def log(self) -> logging.Logger:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointNotFoundError",
+    "CollectiveTimeoutError",
     "ConfigError",
     "DurableTierError",
     "DurableUnavailableError",
@@ -61,3 +62,8 @@ class DurableTierError(TierckptError):
 
 class DurableUnavailableError(DurableTierError):
     """The durable location (bucket, directory) is missing or unreachable."""
+
+
+class CollectiveTimeoutError(TierckptError, TimeoutError):
+    """Ranks did not all reach one of tierckpt's collective steps within
+    ``collective_timeout_s``; the message names the ranks that are missing and the likely cause."""

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 
 from .. import layout
+from .._collective import arrive
 from .._log import logger_for, megabytes, rate, step_message, summary
 from ..config import CheckpointConfig, require_config
 from ..errors import IntegrityError
@@ -114,6 +115,13 @@ class TieredStorageReader(StorageReader):
         """Every rank's view, in rank order (this rank's alone without torch.distributed)."""
         if not _dist_ready():
             return [view]
+        arrive(
+            "reader",
+            self.config.namespace,
+            self.config.collective_timeout_s,
+            "build the reader (TieredStorageReader / tierckpt.load)",
+            self.process_group,
+        )
         gathered: list[Any] = [None] * dist.get_world_size(self.process_group)
         dist.all_gather_object(gathered, view, group=self.process_group)
         return gathered

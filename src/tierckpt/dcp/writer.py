@@ -35,6 +35,7 @@ from ..saving import PartItem, RankPart, commit_memory, write_rank_part
 from ..staging import PrivateBuffer, StagingBuffer
 from ..tiers.durable import open_durable_tier
 from ..tiers.memory import open_memory_tier
+from ._inflight import Turn, take_turn
 from ._plan import global_plans, local_plan
 from ._stage import stage_for_rank, staged_sizes
 
@@ -79,6 +80,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         self._upload: Future[int] | None = None
         self._staging: StagingBuffer | None = None
         self._private: PrivateBuffer | None = None
+        self._turn: Turn | None = None
         if not self.save_to_durable:
             self.durable_done.set_result(None)
         self.memory = open_memory_tier(config)  # refuses an untrusted root; creates nothing
@@ -100,6 +102,9 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         state["_staging"] = None  # staged tensors travel with the state dict
         state["_private"] = None
         state["_lease"] = None  # the lease stays with (and dies with) this process
+        if self._turn is not None:  # it runs in another process: the next save cannot wait
+            self._turn.started.set()
+        state["_turn"] = None  # threads do not travel; the other process orders its own saves
         if self.save_to_durable and not self._watching and self.step is not None:
             self._watching = True
             self._watch_from_parent()
@@ -144,6 +149,9 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         if self.step is None:
             raise layout.no_step_error(self.path)
+        # Before this save's first collective: wait for the previous save of the namespace.
+        turn, self._turn = self._turn or take_turn(self.config, self.step), None
+        turn.run(self.config)
         self.is_coordinator = is_coordinator
         self.rank = int(kwargs.get("rank", self._rank_guess()))
         if self._staged_attempt:
@@ -200,6 +208,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             rank=rank,
             started=t0,
         )
+        self._turn = take_turn(self.config, self.step)  # in program order, as on every rank
         return staged
 
     def synchronize_staging(self) -> None:
