@@ -509,7 +509,14 @@ class StagingPool:
             return None
 
         def fill() -> None:
-            os.makedirs(self.pool_dir, mode=0o700, exist_ok=True)
+            # Never re-create a namespace removed meanwhile (clear-memory, a finished test):
+            # only the pool directory itself is made, inside a namespace that still exists.
+            try:
+                os.mkdir(self.pool_dir, 0o700)
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                return
             name = f"{_FILLING}{own}{secrets.token_hex(8)}"
             tmp = os.path.join(self.pool_dir, name)
             try:  # the lease before the file: a sweep never sees the spare unleased
