@@ -14,8 +14,9 @@ import contextlib
 import fcntl
 import os
 import secrets
+from collections.abc import Iterator
 
-__all__ = ["LEASE_DIR", "AttemptLease", "is_live", "lease_name", "sweep_leases"]
+__all__ = ["LEASE_DIR", "AttemptLease", "is_live", "lease_name", "node_lock", "sweep_leases"]
 
 LEASE_DIR = ".leases"
 
@@ -54,6 +55,18 @@ class AttemptLease:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.release()
+
+
+@contextlib.contextmanager
+def node_lock(path: str) -> Iterator[None]:
+    """Hold the exclusive flock of the lock file ``path`` (created if missing) for a block:
+    the ranks and jobs of a node that take it run that block one at a time."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def is_live(namespace_dir: str, name: str) -> bool:

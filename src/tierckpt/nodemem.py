@@ -16,14 +16,12 @@ released gets a fresh, empty one and never loses files it wrote.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,7 +29,7 @@ from ._runtime import RUNTIME
 from .catalog import StepCatalog
 from .errors import UnsafeMemoryRootError
 from .history import newest_key
-from .leases import LEASE_DIR, AttemptLease, is_live
+from .leases import LEASE_DIR, AttemptLease, is_live, node_lock
 from .tiers.memory import MemoryTier
 
 if TYPE_CHECKING:
@@ -95,14 +93,9 @@ class OwnerLease(AttemptLease):
             self._fd = None
 
 
-@contextlib.contextmanager
-def release_lock(root: str) -> Iterator[None]:
-    fd = os.open(os.path.join(root, _RELEASE_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def release_lock(root: str) -> contextlib.AbstractContextManager[None]:
+    """The node-wide lock under which namespaces are taken and released."""
+    return node_lock(os.path.join(root, _RELEASE_LOCK))
 
 
 def release_lock_if_present(root: str) -> contextlib.AbstractContextManager[None]:
@@ -146,12 +139,15 @@ def hold_namespace(config: CheckpointConfig, writer_tier: MemoryTier | None = No
         key = (root, config.namespace)
         with RUNTIME.owners.lock:
             held = RUNTIME.owners.held.get(key)
-            if not (isinstance(held, OwnerLease) and held.current()):
-                if isinstance(held, OwnerLease):
-                    held.forget()
-                with release_lock(root):
-                    tier.check_trusted(config.namespace, create=True)
-                    RUNTIME.owners.held[key] = OwnerLease(tier.path(config.namespace))
+            if isinstance(held, OwnerLease) and held.current():
+                return True  # held since an earlier writer or reader: nothing to redo per save
+            if isinstance(held, OwnerLease):
+                held.forget()
+            with release_lock(root):
+                tier.check_trusted(config.namespace, create=True)
+                RUNTIME.owners.held[key] = OwnerLease(tier.path(config.namespace))
+        # Once per taking of the lease, not per save: budget pressure releases again
+        # (retention.make_room), so a long job still frees expired leftovers when it must.
         _write_ttl(tier.path(config.namespace), config.memory_ttl_s)
         release_expired(root, log, exclude=config.namespace)
     except (OSError, UnsafeMemoryRootError) as e:

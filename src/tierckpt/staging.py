@@ -30,7 +30,7 @@ import xxhash
 
 from .constants import ALIGN, HASH_CHUNK, ORPHANS_POOLED
 from .errors import TierFullError
-from .leases import AttemptLease, is_live, lease_name, sweep_leases
+from .leases import AttemptLease, is_live, lease_name, node_lock, sweep_leases
 from .tiers.memory import MemoryTier
 
 __all__ = [
@@ -317,12 +317,8 @@ def budget_lock(root: str, enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    fd = os.open(os.path.join(root, _BUDGET_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with node_lock(os.path.join(root, _BUDGET_LOCK)):
         yield
-    finally:
-        os.close(fd)
 
 
 def _lock_exclusive(path: str) -> int | None:
