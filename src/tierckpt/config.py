@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 from dataclasses import InitVar, dataclass, field
 from urllib.parse import urlparse
 
@@ -23,6 +24,8 @@ __all__ = [
 DEFAULT_MEMORY_ROOT = f"/dev/shm/tierckpt-{os.geteuid()}"
 """Per user: another user cannot pre-create (and so own) this user's memory root."""
 MEMORY_ROOT_ENV = "TIERCKPT_MEMORY_ROOT"
+NODE_ID_ENV = "TIERCKPT_NODE_ID"
+_NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 DEFAULT_DURABLE_DIR = "checkpoints"
 DURABLE_SCHEMES = ("file://", "s3://")
 _NAMESPACE = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch: "$" would accept a final "\n"
@@ -208,6 +211,20 @@ class CheckpointConfig:
     or reader of the same memory root (and by a save that would exceed ``memory_budget``).
     None (the default) keeps it until ``tierckpt clear-memory``."""
     memory_ttl_s: float | None = field(init=False, default=None)
+    node_id: str | None = None
+    """This process's node: default ``$TIERCKPT_NODE_ID``, else torchrun's ``GROUP_RANK``,
+    else the hostname. Ranks with the same node id share one memory tier."""
+    local_world_size: int | None = None
+    """Processes on this node: default torchrun's ``$LOCAL_WORLD_SIZE``, else ``world_size``
+    (one node). A job spans several nodes when it is below ``world_size``."""
+    peer_replicas: int | None = None
+    """Copies of each node's part kept in the memory tier of other nodes: default 1 when the
+    job spans more than one node, else 0; 0 turns the peer tier off."""
+    peer_timeout_s: float = 30.0
+    """Timeout of one peer transfer or call: a dead peer never hangs a save or a load."""
+    peer_host: str | None = None
+    """Address the peer service binds to: default ``$TIERCKPT_PEER_HOST``, else this host's
+    address on the route to ``MASTER_ADDR`` (127.0.0.1 for a loopback master)."""
 
     def __post_init__(self, s3_tier_base_path: str | None, save_to_s3: bool | None) -> None:
         if s3_tier_base_path is not None:
@@ -272,6 +289,50 @@ class CheckpointConfig:
         v = self.collective_timeout_s
         if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
             raise ConfigError(f"collective_timeout_s={v!r}: must be a number of seconds > 0.")
+        self._resolve_nodes()
+
+    def _resolve_nodes(self) -> None:
+        """Node id, processes per node and peer replicas, from the fields or torchrun's env."""
+        node = self.node_id
+        if node is None:
+            node = os.environ.get(NODE_ID_ENV) or os.environ.get("GROUP_RANK")
+            node = node if node else socket.gethostname()
+        if not isinstance(node, str) or not _NODE_ID.fullmatch(node):
+            raise ConfigError(
+                f"node_id={node!r}: give a name of letters, digits, '.', '-' and '_' "
+                f"(set CheckpointConfig(node_id=...) or ${NODE_ID_ENV})."
+            )
+        self.node_id = node
+        local = self.local_world_size
+        if local is None:
+            env = os.environ.get("LOCAL_WORLD_SIZE")
+            try:
+                local = int(env) if env else self.world_size
+            except ValueError:
+                raise ConfigError(
+                    f"LOCAL_WORLD_SIZE={env!r} in the environment: must be an int."
+                ) from None
+        if isinstance(local, bool) or not isinstance(local, int) or local < 1:
+            raise ConfigError(f"local_world_size={local!r}: must be an int >= 1.")
+        self.local_world_size = min(local, self.world_size)
+        v = self.peer_replicas
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ConfigError(f"peer_replicas={v!r}: must be None (automatic) or an int >= 0.")
+        t = self.peer_timeout_s
+        if isinstance(t, bool) or not isinstance(t, int | float) or not t > 0:
+            raise ConfigError(f"peer_timeout_s={t!r}: must be a number of seconds > 0.")
+
+    @property
+    def multi_node(self) -> bool:
+        """Whether the job spans more than one node (``local_world_size < world_size``)."""
+        return (self.local_world_size or self.world_size) < self.world_size
+
+    @property
+    def replicas(self) -> int:
+        """Peer replicas asked for: ``peer_replicas``, or 1 for a multi-node job, else 0."""
+        if self.peer_replicas is not None:
+            return self.peer_replicas
+        return 1 if self.multi_node else 0
 
     @property
     def log(self) -> logging.Logger:

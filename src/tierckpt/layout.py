@@ -7,6 +7,9 @@ A step lives under ``<namespace>/step_<N>/`` in every tier:
     <attempt>-r<rank>.drained        memory tier only: that rank's part is in the durable tier
     <attempt>-r<rank>.unpinned       memory tier only: that rank's failed drain was given up
     <attempt>-r<rank>.failed         durable tier only: that rank's upload failed (it retries)
+    <attempt>-r<rank>.replica        memory tier only: this node holds a verified replica of that
+                                     rank's part (another node's), written after its data and manifest
+    <attempt>-r<rank>.replicated     memory tier only: that rank's part is replicated to other nodes
     <attempt>.metadata               DCP metadata (written by the coordinator)
     <attempt>.unloadable-r<rank>     memory tier only: that rank found no valid copy of a blob
     COMMIT                           the commit record, written last
@@ -40,9 +43,12 @@ __all__ = [
     "new_attempt_id",
     "no_step_error",
     "parse_manifest_name",
+    "parse_replica_name",
     "parse_step",
     "parse_step_dir",
     "part_prefix",
+    "replica_name",
+    "replicated_name",
     "step_dir",
     "step_from_path",
     "step_key",
@@ -57,7 +63,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _STEP_IN_PATH = re.compile(r"(?:^|[/\\])step_(\d+)(?:$|[/\\])")
 _ATTEMPT = re.compile(r"^[0-9a-f]{12}$")
 _OURS = re.compile(
-    r"^(?:COMMIT|[0-9a-f]{12}(?:-r\d+\.(?:data|manifest\.json|drained|unpinned|failed)"
+    r"^(?:COMMIT|[0-9a-f]{12}(?:-r\d+\.(?:data|manifest\.json|drained|unpinned|failed|replica|replicated)"
     r"|\.metadata|\.unloadable-r\d+))(?:\.tmp-\d+(?:-[0-9a-f]+)?)?$"
 )
 
@@ -107,6 +113,25 @@ def unpinned_name(attempt: str, rank: int) -> str:
 def failed_name(attempt: str, rank: int) -> str:
     """Durable tier: this part's upload failed; the coordinator stops waiting for it."""
     return f"{attempt}-r{rank}.failed"
+
+
+def replica_name(attempt: str, rank: int) -> str:
+    """Memory tier, on a peer: a verified replica of this part is complete here (written last)."""
+    return f"{attempt}-r{rank}.replica"
+
+
+def replicated_name(attempt: str, rank: int) -> str:
+    """Memory tier, on the part's own node: the part is replicated (to the nodes it names)."""
+    return f"{attempt}-r{rank}.replicated"
+
+
+_REPLICA = re.compile(r"^([0-9a-f]{12})-r(\d+)\.replica$")
+
+
+def parse_replica_name(name: str) -> tuple[str, int] | None:
+    """``(attempt, rank)`` of a :func:`replica_name` marker, or None for any other name."""
+    m = _REPLICA.match(name)
+    return (m.group(1), int(m.group(2))) if m else None
 
 
 _MANIFEST = re.compile(r"^([0-9a-f]{12})-r(\d+)\.manifest\.json$")

@@ -121,6 +121,10 @@ class CommitRecord:
     """xxh3-128 of the DCP metadata bytes; nothing is unpickled before it matches."""
     created: float = field(default_factory=time.time)
     format: int = FORMAT_VERSION
+    nodes: list[str] = field(default_factory=list)
+    """Node id of each rank when the step was saved (empty: unknown, one node)."""
+    peer_replicas: int = 0
+    """Replicas of each node's part the save asked for in other nodes' memory tiers."""
 
     def files(self) -> dict[str, int]:
         """Every file the step needs (data files and manifests; sizes of data files, -1 else)."""

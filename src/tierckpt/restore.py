@@ -27,6 +27,9 @@ from .errors import (
     TierckptError,
 )
 from .history import abandoned, mark_unloadable, marked_unloadable, newest_key, observe
+from .peer.node import peer_node
+from .peer.tier import PeerTier
+from .peer.view import PeerView, is_node_leader
 from .resume import resume_pending_once
 from .tiers.base import Buffer, Tier
 from .tiers.memory import MemoryTier
@@ -52,6 +55,20 @@ class View:
     """Why the durable tier did not answer on this rank (it then counts as empty)."""
     error: tuple[list[str], str] | None = None
     """(names of the error's classes, message) when building the view failed."""
+    node_id: str = ""
+    """This rank's node."""
+    peer_address: tuple[str, int] | None = None
+    """This rank's peer service (None in a one-node job)."""
+    needs: dict[Choice, tuple[int, list[str]]] = field(default_factory=dict)
+    """Saves this rank sees but cannot restore from its own tiers: generation and the files
+    it lacks (another node may hold them)."""
+    leader: bool = False
+    """Whether this rank reports its node's holdings (one rank per node does)."""
+    listing: dict[int, dict[str, int]] = field(default_factory=dict)
+    """Leader only: the files of each step in its node's memory tier."""
+    record_files: dict[Choice, tuple[int, dict[str, int]]] = field(default_factory=dict)
+    """Leader only: generation and files of every commit in its node's memory tier (for
+    ranks whose node lacks the commit, e.g. a replacement node)."""
 
 
 def same_error(errors: list[tuple[list[str], str]]) -> TierckptError:
@@ -82,6 +99,7 @@ class Finder:
         self.rank = rank
         self.log = log
         self.tiers: list[Tier] = [memory, durable]
+        self.peer_tiers: list[PeerTier] = []
         self._durable_error: str | None = None
         self._durable_checked = False
 
@@ -136,6 +154,9 @@ class Finder:
                     if key not in listings:
                         listings[key] = other.files(step)
                     missing &= set(other.missing_files(record, listings[key]))
+                if missing and self.config.multi_node:
+                    view.needs[choice] = (record.generation, sorted(missing))
+                    continue
                 if missing:
                     self.log.warning(
                         step_message(
@@ -150,7 +171,26 @@ class Finder:
                 why = self.unloadable(step, record.attempt, listings[(self.memory.name, step)])
                 if why is not None:
                     view.unloadable[choice] = why
+        if self.config.multi_node:
+            self._report_node(view, catalogs[0], records)
         return records, view
+
+    def _report_node(
+        self, view: View, memory: StepCatalog, records: dict[Choice, StepSource]
+    ) -> None:
+        """Fill this rank's peer fields: its service, and (one rank per node) what the
+        node's memory tier holds."""
+        node = peer_node(self.config)
+        view.node_id = self.config.node_id or ""
+        view.peer_address = node.address if node is not None else None
+        view.leader = is_node_leader(self.config, self.rank)
+        if not view.leader:
+            return
+        for step in memory.steps():
+            view.listing[step] = memory.files(step)
+            record = memory.commit(step)
+            if record is not None:
+                view.record_files[(step, record.attempt)] = (record.generation, record.files())
 
     def unloadable(self, step: int, attempt: str, listing: dict[str, int]) -> str | None:
         """Why this rank or its node could not load that attempt before, or None."""
@@ -187,7 +227,12 @@ class Finder:
             raise same_error(errors)
         gone = abandoned(s for v in gathered for s in v.saves)
         generation = {c: g for v in gathered for c, g in v.restorable.items()}
-        common: set[Choice] = set.intersection(*(set(v.restorable) for v in gathered)) - gone
+        restorable = [set(v.restorable) for v in gathered]
+        peers = PeerView.of(gathered, self.config)
+        if peers is not None:
+            restorable = peers.restorable(gathered, generation)
+            self._use_peers(peers, gathered[self.rank])
+        common: set[Choice] = set.intersection(*restorable) - gone
         marks: dict[Choice, list[str]] = defaultdict(list)
         for rank, v in enumerate(gathered):
             for c, why in v.unloadable.items():
@@ -220,7 +265,34 @@ class Finder:
                 )
             )
         observe(self.config.namespace, generation[choice])
+        if choice not in sources:  # this rank's node lacks the commit: a peer has it
+            sources[choice] = self._peer_source(choice)
         return choice, sources[choice]
+
+    def _use_peers(self, peers: PeerView, mine: View) -> None:
+        """Read from the other nodes' memory tiers after this node's own, before durable."""
+        self.peer_tiers = peers.tiers(mine.node_id, self.config)
+        memory, rest = self.tiers[0], self.tiers[1:]
+        self.tiers = [memory, *self.peer_tiers, *rest]
+
+    def _peer_source(self, choice: Choice) -> StepSource:
+        """The commit of ``choice`` read from a peer that holds it (verified by attempt)."""
+        step, attempt = choice
+        problems = []
+        for tier in self.peer_tiers:
+            try:
+                record, problem = StepCatalog(tier, self.config.namespace, self.log).read_commit(
+                    step
+                )
+            except Exception as e:
+                problems.append(f"{tier.url}: {e}")
+                continue
+            if record is not None and record.attempt == attempt:
+                return StepSource(tier, record)
+            problems.append(f"{tier.url}: {problem or 'another attempt'}")
+        raise CheckpointNotFoundError(
+            f"Step {step} (attempt {attempt}): no peer returned its commit ({'; '.join(problems)})."
+        )
 
     def not_found(
         self,

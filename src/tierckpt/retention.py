@@ -95,6 +95,33 @@ def abandoned_steps(committed: dict[int, CommitRecord]) -> set[int]:
     return {step for step, _ in abandoned(saves)}
 
 
+def fully_replicated(record: CommitRecord, listing: dict[str, int]) -> bool:
+    """Whether every part of ``record`` that this node holds as its own (a manifest with no
+    ``.replica`` marker beside it) is marked ``.replicated``."""
+    for entry in record.ranks:
+        if entry.manifest not in listing:
+            continue
+        if layout.replica_name(entry.attempt, entry.rank) in listing:
+            continue  # a replica of another node's part
+        if layout.replicated_name(entry.attempt, entry.rank) not in listing:
+            return False
+    return True
+
+
+def _newest_replicated(
+    catalog: StepCatalog, committed: dict[int, CommitRecord], order: list[int], gone: set[int]
+) -> list[int]:
+    """The newest save that is fully replicated, kept while newer ones are not yet (so that
+    losing this node leaves a restorable save); nothing when replication is off."""
+    for step in reversed(order):
+        record = committed[step]
+        if record.peer_replicas <= 0 or step in gone:
+            continue
+        if fully_replicated(record, catalog.files(step)):
+            return [step]
+    return []
+
+
 def _evictable(catalog: StepCatalog, committed: dict[int, CommitRecord]) -> list[int]:
     """Committed steps that may be evicted: abandoned ones first, then oldest save first.
 
@@ -105,7 +132,8 @@ def _evictable(catalog: StepCatalog, committed: dict[int, CommitRecord]) -> list
     order = sorted(committed, key=lambda s: newest_key(s, committed[s].generation))
     newest = order[-1]
     gone = abandoned_steps(committed)
-    out = [s for s in order if s != newest and not drain_pending(committed[s], catalog.files(s))]
+    keep = {newest, *_newest_replicated(catalog, committed, order, gone)}
+    out = [s for s in order if s not in keep and not drain_pending(committed[s], catalog.files(s))]
     return [s for s in out if s in gone] + [s for s in out if s not in gone]
 
 

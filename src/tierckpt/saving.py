@@ -257,15 +257,19 @@ def write_rank_part(
 # -- the memory commit --
 
 
-def install_commit(catalog: StepCatalog, record_json: bytes, metadata: bytes) -> None:
-    """Commit, in this node's memory tier, a step whose commit was written on another node."""
+def install_commit(catalog: StepCatalog, record_json: bytes, metadata: bytes) -> bool:
+    """Commit, in this node's memory tier, a step whose commit was written on another node.
+
+    True when the commit is (now) there; False when none of the step's parts is on this node.
+    """
     record = CommitRecord.from_json(record_json, where="the coordinator's commit record")
     existing = catalog.commit(record.step)
     if existing is not None and existing.attempt == record.attempt:
-        return
+        return True
     if not any(r.manifest in catalog.files(record.step) for r in record.ranks):
-        return  # none of this step's parts were written on this node
+        return False  # none of this step's parts were written on this node
     catalog.commit_step(record, metadata, after_metadata="install.after_metadata")
+    return True
 
 
 def last_commit(memory: MemoryTier, namespace: str) -> LastCommit | None:
@@ -305,11 +309,16 @@ def commit_memory(
     parts: Sequence[tuple[str, Sequence[BlobInfo]]],
     metadata: bytes,
     started: float | None = None,
+    nodes: Sequence[str] = (),
+    peer_replicas: int = 0,
+    publish: Callable[[bytes, bytes], None] | None = None,
 ) -> CommitRecord:
     """Commit ``step`` in this node's memory tier (metadata, then COMMIT) and sweep.
 
     ``parts[r]`` is (attempt, blobs) of rank ``r``'s part (blobs carry the file size);
-    ``metadata`` is the serialized checkpoint metadata; ``rank`` is the coordinator's.
+    ``metadata`` is the serialized checkpoint metadata; ``rank`` is the coordinator's;
+    ``nodes[r]`` is rank ``r``'s node. ``publish(record JSON, metadata)`` installs the
+    commit on the other nodes first.
     """
     t0 = time.perf_counter() if started is None else started
     log = logger_for(config)
@@ -326,7 +335,11 @@ def commit_memory(
         durable=durable,
         metadata_checksum=checksum(metadata),
         generation=generation,
+        nodes=list(nodes),
+        peer_replicas=peer_replicas,
     )
+    if publish is not None:
+        publish(record.to_json(), metadata)
     catalog = StepCatalog(memory, ns, log)
     catalog.commit_step(record, metadata, after_metadata="save.after_metadata")
     crash_point("save.after_commit")

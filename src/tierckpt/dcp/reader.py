@@ -27,8 +27,9 @@ from .._log import logger_for, megabytes, rate, step_message, summary
 from ..config import CheckpointConfig, require_config
 from ..errors import IntegrityError
 from ..fetch import Blob, Fetcher
-from ..manifest import BlobInfo
+from ..manifest import BlobInfo, CommitRecord
 from ..nodemem import hold_namespace
+from ..peer.refill import refill_parts
 from ..restore import Finder
 from ..tiers.base import Buffer, Tier
 from ..tiers.durable import open_durable_tier
@@ -61,7 +62,7 @@ class TieredStorageReader(StorageReader):
         self.process_group = process_group
         self.requested_step = layout.parse_step(step) if step is not None else None
         self.step: int | None = None
-        self.bytes_read_by_tier: dict[str, int] = {"memory": 0, "durable": 0}
+        self.bytes_read_by_tier: dict[str, int] = {"memory": 0, "peer": 0, "durable": 0}
         self.rank = dist.get_rank() if _dist_ready() else 0
         self.log = logger_for(config)
         # The durable tier is opened lazily: memory restores never wait for it to answer.
@@ -73,6 +74,7 @@ class TieredStorageReader(StorageReader):
             self.log,
         )
         self.attempt: str | None = None
+        self._record: CommitRecord | None = None
         self._metadata: Metadata | None = None
         self._storage_data: dict[Any, BlobInfo] = {}
         hold_namespace(config)  # owns the namespace's node memory, if it is on this node
@@ -102,6 +104,7 @@ class TieredStorageReader(StorageReader):
         """Agree with every rank on (step, attempt), then read that step's DCP metadata."""
         choice, source = self.finder.agree(self._all_gather, self.requested_step)
         self.step, self.attempt = choice
+        self._record = source.record
         self._metadata = self.finder.read_metadata(source, _unpickle_metadata)
         self.log.debug(
             step_message(
@@ -133,7 +136,7 @@ class TieredStorageReader(StorageReader):
         if step is not None and step != self.step:
             self.requested_step = step
             self._metadata = None
-        self.bytes_read_by_tier = {t.name: 0 for t in self.tiers}
+        self.bytes_read_by_tier = {"memory": 0, "peer": 0, "durable": 0}
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -185,6 +188,16 @@ class TieredStorageReader(StorageReader):
             loaded = fetcher.fetch_all(blobs)
         except IntegrityError as e:
             raise self.finder.mark_unloadable(self.step, self.attempt, e) from e
+        if self.finder.peer_tiers and self._record is not None:
+            refill_parts(
+                self.config,
+                self.memory,
+                self._record,
+                self.rank,
+                list(per_file),
+                self.finder.peer_tiers,
+                self.log,
+            )
         for fname, items in per_file.items():
             for item, buf in zip(items, loaded[fname], strict=True):
                 if buf is None:  # read straight into its target and verified there

@@ -30,13 +30,16 @@ from ..drain import set_exit_wait
 from ..leases import AttemptLease, lease_name
 from ..manifest import BlobInfo, RankManifest
 from ..nodemem import hold_namespace
+from ..peer.node import peer_node
+from ..peer.publish import push_commit
+from ..peer.replicate import Target, replicate_part
 from ..resume import resume_pending_once
 from ..saving import PartItem, RankPart, commit_memory, write_rank_part
 from ..staging import PrivateBuffer, StagingBuffer
 from ..tiers.durable import open_durable_tier
 from ..tiers.memory import open_memory_tier
 from ._inflight import Turn, take_turn
-from ._plan import global_plans, local_plan
+from ._plan import GlobalPlan, global_plans, local_plan
 from ._stage import stage_for_rank, staged_sizes
 
 __all__ = ["TieredStorageWriter"]
@@ -70,6 +73,9 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         self.rank = 0
         self.is_coordinator = True
         self.durable_done: Future[None] = Future()
+        self.peer_done: Future[None] = Future()
+        """Completes when this rank's part of the save is replicated to its peers (at once
+        when nothing is replicated); fails with :class:`ReplicationError` if it cannot be."""
         self._durable = self.save_to_durable
         self._used = False
         self._staged_attempt = False
@@ -81,6 +87,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         self._staging: StagingBuffer | None = None
         self._private: PrivateBuffer | None = None
         self._turn: Turn | None = None
+        self._peers: GlobalPlan | None = None
         if not self.save_to_durable:
             self.durable_done.set_result(None)
         self.memory = open_memory_tier(config)  # refuses an untrusted root; creates nothing
@@ -97,6 +104,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["durable_done"] = None
+        state["peer_done"] = None
         state["_upload"] = None
         state["durable"] = None  # reopened on the other side; clients may not pickle
         state["_staging"] = None  # staged tensors travel with the state dict
@@ -112,6 +120,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.peer_done = Future()
         self.durable_done = Future()
         if not self.save_to_durable:
             self.durable_done.set_result(None)
@@ -167,6 +176,8 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         """
         if self._used:
             self.attempt = layout.new_attempt_id()
+            if self.peer_done.done():
+                self.peer_done = Future()
         self._used = True
         self.memory.ensure_root(self.config.namespace)
         if self._lease is not None:
@@ -176,13 +187,18 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         assert self.step is not None
-        return local_plan(plan, self.memory, self.config, self.rank, self.step, self.attempt)
+        node = peer_node(self.config)
+        address = node.address if node is not None else None
+        return local_plan(
+            plan, self.memory, self.config, self.rank, self.step, self.attempt, address
+        )
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         decided = global_plans(
             plans, self.memory, self.config, self.step or 0, self.attempt, self.save_to_durable
         )
         self._rank_attempts, self._generation = decided.rank_attempts, decided.generation
+        self._peers = decided
         return decided.plans
 
     # -- AsyncStager: dcp.async_save copies the state dict once, into the memory tier --
@@ -264,6 +280,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             self._start_drain(written.manifest)
         elif not self.durable_done.done():
             self.durable_done.set_result(None)
+        self._start_replication(written.manifest, tuple(getattr(glob, "peer_targets", ())))
         results = [
             WriteResult(
                 index=item.index,
@@ -276,6 +293,15 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         fut.set_result(results)
         return fut
 
+    def _start_replication(self, manifest: RankManifest, targets: tuple[Target, ...]) -> None:
+        """Copy this rank's part to its peers once the step is committed (in the background)."""
+        node = peer_node(self.config) if targets else None
+        if node is None:
+            if not self.peer_done.done():
+                self.peer_done.set_result(None)
+            return
+        replicate_part(self.config, self.memory, node, manifest, list(targets), self.peer_done)
+
     def _start_drain(self, manifest: RankManifest) -> None:
         self.durable = self.durable or open_durable_tier(self.config, check=False)
         self._upload = start_upload(
@@ -286,6 +312,23 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             coordinator=self.is_coordinator,
             done=self.durable_done,
         )
+
+    def _publish_commit(self, record_json: bytes, metadata: bytes) -> None:
+        """Install the commit on every other node before this one (so that every node
+        holds it when ``dcp.save`` returns, and replicas never arrive before it)."""
+        if self._peers is None:
+            return
+        node = peer_node(self.config)
+        if node is not None:
+            push_commit(
+                self.config,
+                node,
+                self._peers.nodes,
+                self._peers.addresses,
+                record_json,
+                metadata,
+                step=self.step or 0,
+            )
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         assert self.step is not None
@@ -309,6 +352,9 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             parts=parts,
             metadata=md_bytes,
             started=t0,
+            nodes=self._peers.nodes if self._peers else [],
+            peer_replicas=self._peers.replicas if self._peers else 0,
+            publish=self._publish_commit,
         )
         seconds = time.perf_counter() - getattr(self, "_write_started", t0)
         nbytes = sum(b.length for _, blobs in parts for b in blobs)

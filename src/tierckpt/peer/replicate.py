@@ -1,0 +1,173 @@
+"""Copying one rank's part of a committed save into the memory tier of its peers.
+
+Runs in the background after the save: it waits until this node holds the step's commit
+(every node does when ``dcp.save`` returns), then sends the data file (verified per blob
+on receipt), the rank manifest and, last, the ``.replica`` marker to each target; then
+writes ``.replicated`` here. ``done`` (``writer.peer_done``) completes when that is over
+and fails with :class:`ReplicationError` when it cannot be (the save stays committed).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from .. import layout
+from .._exit import run_in_background
+from .._faults import crash_point
+from .._log import logger_for, rate, step_message
+from ..catalog import StepCatalog
+from ..config import CheckpointConfig
+from ..errors import ReplicationError
+from ..manifest import RankManifest, checksum
+from ..tiers.memory import MemoryTier
+from .node import PeerNode
+
+__all__ = ["Target", "replicate_part"]
+
+POLL_S = 0.005
+"""How often a replication waiting for its step's commit looks for it (a local stat)."""
+
+_latest: dict[tuple[str, str, int], int] = {}
+_locks: dict[tuple[str, str, int], threading.Lock] = {}
+_guard = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Target:
+    """A rank on another node that receives a replica."""
+
+    rank: int
+    node_id: str
+    address: tuple[str, int] | None
+
+
+def replicate_part(
+    config: CheckpointConfig,
+    memory: MemoryTier,
+    node: PeerNode,
+    manifest: RankManifest,
+    targets: list[Target],
+    done: Future[None],
+) -> None:
+    """Replicate ``manifest``'s part to ``targets`` in the background; resolves ``done``."""
+    key = (memory.root, config.namespace, manifest.rank)
+    with _guard:
+        seq = _latest[key] = _latest.get(key, 0) + 1
+        lock = _locks.setdefault(key, threading.Lock())
+
+    def superseded() -> bool:
+        with _guard:
+            return _latest[key] != seq
+
+    def body() -> None:
+        with lock:  # one replication of a rank at a time, in order
+            _replicate(config, memory, node, manifest, targets, superseded)
+
+    fut = run_in_background(body, name=f"tierckpt-replicate-{manifest.step}")
+    fut.add_done_callback(lambda f: _resolve(done, f))
+
+
+def _resolve(done: Future[None], fut: Future[None]) -> None:
+    if done.done():
+        return
+    error = fut.exception()
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
+def _wait_for_commit(
+    catalog: StepCatalog, manifest: RankManifest, timeout: float, superseded: object
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        record = catalog.commit(manifest.step)
+        if record is not None and any(
+            r.rank == manifest.rank and r.attempt == manifest.attempt for r in record.ranks
+        ):
+            return
+        if callable(superseded) and superseded():
+            raise ReplicationError(
+                f"Step {manifest.step}: not committed before this rank's next save; its part "
+                "is not replicated (the next save is)."
+            )
+        if time.monotonic() >= deadline:
+            raise ReplicationError(
+                f"Step {manifest.step}: its commit did not reach this node within {timeout:.0f} s "
+                "(the save failed, or this node's peer service was unreachable); its part is "
+                "not replicated."
+            )
+        time.sleep(POLL_S)
+
+
+def _replicate(
+    config: CheckpointConfig,
+    memory: MemoryTier,
+    node: PeerNode,
+    manifest: RankManifest,
+    targets: list[Target],
+    superseded: object,
+) -> None:
+    log = logger_for(config)
+    ns, step, rank, attempt = config.namespace, manifest.step, manifest.rank, manifest.attempt
+    catalog = StepCatalog(memory, ns, log)
+    t0 = time.perf_counter()
+    try:
+        # The commit reaches every node before dcp.save returns, unless its push failed.
+        _wait_for_commit(catalog, manifest, 2 * config.peer_timeout_s, superseded)
+        manifest_json = manifest.to_json()
+        marker = json.dumps(
+            {
+                "rank": rank,
+                "attempt": attempt,
+                "step": step,
+                "from_node": config.node_id,
+                "manifest_checksum": checksum(manifest_json),
+            }
+        ).encode()
+        nbytes = 0
+        for target in targets:
+            if target.address is None:
+                raise ReplicationError(
+                    f"node {target.node_id} (rank {target.rank}) runs no peer service"
+                )
+            with node.client(target.address) as client:
+                for fname, info in manifest.files.items():
+                    fkey = layout.step_key(ns, step, fname)
+                    blobs = [(int(o), int(n), str(c)) for o, n, c in info["blobs"]]
+                    with memory.open_shared(fkey):  # the pool cannot reuse it meanwhile
+                        client.put_file(memory.path(fkey), fkey, blobs, length=int(info["size"]))
+                    nbytes += int(info["size"])
+                crash_point("peer.after_data")
+                client.put_bytes(
+                    layout.step_key(ns, step, layout.manifest_name(attempt, rank)), manifest_json
+                )
+                client.put_bytes(  # written last: the replica is complete and verified
+                    layout.step_key(ns, step, layout.replica_name(attempt, rank)), marker
+                )
+        memory.write(
+            layout.step_key(ns, step, layout.replicated_name(attempt, rank)),
+            [json.dumps({"nodes": [t.node_id for t in targets], "time": time.time()}).encode()],
+        )
+    except Exception as e:
+        where = ", ".join(f"node {t.node_id}" for t in targets)
+        error = e if isinstance(e, ReplicationError) else None
+        message = (
+            f"Replicating rank {rank}'s part of step {step} to {where} failed: "
+            f"{type(e).__name__}: {e}. The step stays committed in this node's memory; the "
+            "next save replicates again."
+        )
+        log.warning(step_message(rank, step, message))
+        raise ReplicationError(message) from (error or e)
+    log.debug(
+        step_message(
+            rank,
+            step,
+            f"Replicated to {len(targets)} peer(s): {rate(nbytes, time.perf_counter() - t0)}",
+        )
+    )
