@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -25,7 +24,12 @@ warnings.filterwarnings("ignore")
 def _model() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Linear(16, 64), nn.ReLU(), nn.Dropout(0.3), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)
+        nn.Linear(16, 64),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Linear(64, 64),
+        nn.ReLU(),
+        nn.Linear(64, 4),
     )
     for layer in model:
         if isinstance(layer, nn.Linear):
@@ -36,14 +40,22 @@ def _model() -> nn.Module:
 
 def _loader(rank: int) -> StatefulDataLoader:
     g = torch.Generator().manual_seed(7 + rank)
-    data = torch.utils.data.TensorDataset(torch.randn(48, 16, generator=g), torch.randn(48, 4, generator=g))
+    data = torch.utils.data.TensorDataset(
+        torch.randn(48, 16, generator=g), torch.randn(48, 4, generator=g)
+    )
     return StatefulDataLoader(
         data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(rank)
     )
 
 
 def w_exact_resume(
-    rank: int, world_size: int, cfg: tierckpt.CheckpointConfig, out: str, steps: int, crash_at: int, tag: str
+    rank: int,
+    world_size: int,
+    cfg: tierckpt.CheckpointConfig,
+    out: str,
+    steps: int,
+    crash_at: int,
+    tag: str,
 ) -> Any:
     """FSDP2 + AdamW + StepLR + dropout + a shuffling StatefulDataLoader; every step saved to
     memory, every 4th to durable; losses (float.hex) appended to a file as they happen.

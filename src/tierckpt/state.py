@@ -181,10 +181,11 @@ class Batches:
         self._it: Iterator[Any] | None = None
 
     def _epoch_iter(self, epoch: int) -> Iterable[Any]:
-        sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        return self.loader  # type: ignore[no-any-return]
+        set_epoch = getattr(getattr(self.loader, "sampler", None), "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
+        loader: Iterable[Any] = self.loader
+        return loader
 
     def __iter__(self) -> Batches:
         return self
