@@ -102,7 +102,8 @@ class TierckptCheckpointIO(CheckpointIO):
     ) -> dict[str, Any]:
         step = self._pointed_step(os.fspath(path))
         reader = TieredStorageReader(self.config, step=step)
-        return _decode(_load_state_dict_from_keys(storage_reader=reader))  # type: ignore[no-any-return]
+        loaded: dict[str, Any] = _decode(_load_state_dict_from_keys(storage_reader=reader))
+        return loaded
 
     def remove_checkpoint(self, path: Any) -> None:
         """Removes the pointer; the step's bytes are left to tierckpt's retention."""
