@@ -58,7 +58,7 @@ def w_exact_resume(
     tag: str,
 ) -> Any:
     """FSDP2 + AdamW + StepLR + dropout + a shuffling StatefulDataLoader; every step saved to
-    memory, every 4th to durable; losses (float.hex) appended to a file as they happen.
+    memory, every 2nd to durable; losses (float.hex) appended to a file as they happen.
     ``crash_at``: both ranks SIGKILL themselves right after saving that step."""
     torch.use_deterministic_algorithms(True)
     model = _model()
@@ -70,7 +70,7 @@ def w_exact_resume(
     torch.manual_seed(1234 + rank)  # the dropout masks differ per rank, as in real jobs
     state = tierckpt.TrainingState(model, optim, scheduler=sched, batches=batches)
     log = Path(out) / f"loss-{tag}-r{rank}.txt"
-    with tierckpt.CheckpointManager(cfg, every_steps=1, durable_every_steps=4, keep=2) as mgr:
+    with tierckpt.CheckpointManager(cfg, every_steps=1, durable_every_steps=2, keep=2) as mgr:
         restored = mgr.restore(state)
         for step in range((restored or 0) + 1, steps + 1):
             x, y = next(batches)
