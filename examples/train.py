@@ -1,9 +1,14 @@
-"""One worker of the tierckpt demo; ``examples/demo.py`` launches it under torchrun.
+"""A torchrun FSDP2 training script using ``tierckpt.CheckpointManager``.
 
-Trains a small MLP with DDP on CPU (gloo) on synthetic data. Every step is saved with
-``dcp.async_save`` to the memory tier; every ``--durable-every``-th step also drains to the
-durable tier. On the first attempt rank ``--crash-rank`` SIGKILLs itself at ``--crash-at``;
-torchrun restarts the workers, which resume from the newest step every rank can restore.
+    torchrun --nproc-per-node 2 examples/train.py --namespace my-run --work-dir /tmp/run
+
+Trains a small MLP sharded with FSDP2 (``fully_shard``) on CPU (gloo) on synthetic data.
+The manager saves every step to the memory tier (async) and every ``--durable-every``-th
+step also to the durable tier, restores the newest restorable save on start, and on SIGTERM
+saves the current step durably before the process exits. ``examples/demo.py`` (``make
+demo``) launches it: on the first attempt rank ``--crash-rank`` SIGKILLs itself at
+``--crash-at``; torchrun restarts the workers, which resume from the newest step every rank
+can restore.
 
 Checks: each rank records a digest of the state it saved at every step (a side file) and,
 after a restore, requires the loaded state to be bit-exact to it. At the end each rank writes
@@ -23,16 +28,13 @@ import logging
 import os
 import signal
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 import tierckpt
 
@@ -86,14 +88,20 @@ def setup_logging(verbose: bool, prefix: str) -> None:
 
 
 def make_model() -> nn.Module:
+    """The MLP, each Linear and the whole model sharded over the ranks with FSDP2."""
     torch.manual_seed(0)
-    return nn.Sequential(
+    model = nn.Sequential(
         nn.Linear(IN, HIDDEN),
         nn.ReLU(),
         nn.Linear(HIDDEN, HIDDEN),
         nn.ReLU(),
         nn.Linear(HIDDEN, OUT),
     )
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
 
 
 def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,51 +113,26 @@ def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x @ w).argmax(dim=1)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def digest(model: nn.Module, optim: torch.optim.Optimizer) -> str:
-    """sha256 over every parameter and every optimizer state value, in a fixed order."""
+    """sha256 over this rank's shards of every parameter and optimizer state, in a fixed order."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().numpy().tobytes())
+        h.update(_local(t).detach().cpu().numpy().tobytes())
     state = optim.state_dict()["state"]
     for pid in sorted(state):
         for key, value in sorted(state[pid].items()):
             h.update(f"{pid}.{key}".encode())
             if isinstance(value, torch.Tensor):
-                h.update(value.detach().cpu().numpy().tobytes())
+                h.update(_local(value).detach().cpu().numpy().tobytes())
             else:
                 h.update(repr(value).encode())
     return h.hexdigest()
-
-
-def app_state(model: nn.Module, optim: torch.optim.Optimizer, step: int) -> dict[str, Any]:
-    msd, osd = get_state_dict(model, optim)
-    return {"model": msd, "optim": osd, "step": step}
-
-
-def restore(
-    cfg: tierckpt.CheckpointConfig,
-    model: nn.Module,
-    optim: torch.optim.Optimizer,
-    pg: dist.ProcessGroup,
-    out: Out,
-) -> dict[str, Any] | None:
-    """Load the newest step every rank can restore; None when there is none yet."""
-    t0 = time.perf_counter()
-    try:
-        reader = tierckpt.TieredStorageReader(cfg, process_group=pg)
-    except tierckpt.CheckpointNotFoundError:
-        out("no checkpoint yet: starting from scratch")
-        return None
-    state = app_state(model, optim, -1)
-    dcp.load(state, storage_reader=reader, process_group=pg)
-    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    seconds = time.perf_counter() - t0
-    if state["step"] != reader.step:
-        raise RuntimeError(f"loaded step {state['step']} but the reader chose step {reader.step}")
-    by_tier = {k: v for k, v in reader.bytes_read_by_tier.items() if v}
-    tier = "+".join(by_tier) or "nowhere"
-    return {"step": reader.step, "seconds": seconds, "bytes_by_tier": by_tier, "tier": tier}
 
 
 def saved_digest(work_dir: Path, rank: int, step: int) -> str | None:
@@ -174,14 +157,13 @@ def main() -> int:
     out = Out(rank, attempt)
     setup_logging(args.verbose, f"{out.prefix} rank {rank}:")
     work_dir = Path(args.work_dir)
-    # Checkpoint collectives run on their own gloo group, off the training group that
-    # DDP uses: the async save's thread must not interleave with DDP's all-reduces.
-    ckpt_pg = dist.new_group(backend="gloo")
-    model = DistributedDataParallel(make_model())
+    model = make_model()
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
+    # Model + optimizer (through get_state_dict: FSDP2 shards), RNG states of every rank.
+    state = tierckpt.TrainingState(model, optim)
 
-    cfg = None
+    mgr = None
     start, restored = 0, None
     if not args.no_checkpoint:
         cfg = tierckpt.CheckpointConfig(
@@ -192,9 +174,16 @@ def main() -> int:
         )
         if attempt > 1:
             out(f"torchrun restarted the workers (restart {attempt - 1})")
-        restored = restore(cfg, model, optim, ckpt_pg, out)
-        if restored is not None:
-            start = restored["step"]
+        # memory every step (async), durable every --durable-every steps, SIGTERM handled
+        mgr = tierckpt.CheckpointManager(cfg, every_steps=1, durable_every_steps=args.durable_every)
+        step = mgr.restore(state)  # the newest save every rank can restore; None: none yet
+        if step is None:
+            out("no checkpoint yet: starting from scratch")
+        else:
+            start = step
+            restored = dict(mgr.last_restore)
+            restored["bytes_by_tier"] = {k: v for k, v in restored["bytes_by_tier"].items() if v}
+            restored["tier"] = "+".join(restored["bytes_by_tier"]) or "nowhere"
             expected = saved_digest(work_dir, rank, start)
             got = digest(model, optim)
             exact = got == expected
@@ -209,40 +198,34 @@ def main() -> int:
                 emit(f"{MARK}FAIL rank {rank}: digest {got} != saved {expected}")
                 return 3
 
-    fut = None
-    durable_writers: list[tierckpt.TieredStorageWriter] = []
+    durable_steps: list[int] = []
     for step in range(start + 1, args.steps + 1):
         x, y = batch(step, rank)
         optim.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
         optim.step()
-        if cfg is None:
+        if mgr is None:
             continue
-        if fut is not None:
-            fut.result()  # the previous save is committed in memory (raises if it failed)
         if attempt == 1 and step == args.crash_at and rank == args.crash_rank:
+            mgr.wait()  # the previous step is committed in memory
             out(f"step {step}: simulating a crash: SIGKILL to myself", every_rank=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        durable = step % args.durable_every == 0
-        writer = tierckpt.TieredStorageWriter(cfg, step=step, save_to_durable=durable)
-        fut = dcp.async_save(
-            app_state(model, optim, step), storage_writer=writer, process_group=ckpt_pg
-        )
+        mgr.save(step, state)  # raises if the previous save failed
         with open(work_dir / f"saved-r{rank}.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "digest": digest(model, optim)}) + "\n")
+        durable = step % args.durable_every == 0
         if durable:
-            durable_writers.append(writer)
+            durable_steps.append(step)
         if step % 10 == 0:
             where = "memory + durable" if durable else "memory"
             out(f"step {step:3d}  loss {loss.item():.4f}  saved to {where}")
 
-    if fut is not None:
-        fut.result()
-    for writer in durable_writers:
-        writer.durable_done.result(timeout=120)  # raises if the drain failed
-    if not tierckpt.wait_for_drains(timeout=120):
-        raise RuntimeError("durable drains still running after 120 s")
+    if mgr is not None:
+        mgr.wait(durable=True, timeout=120)  # raises if a drain failed
+        mgr.close()
+        if not tierckpt.wait_for_drains(timeout=120):
+            raise RuntimeError("durable drains still running after 120 s")
 
     final = {
         "rank": rank,
@@ -250,10 +233,10 @@ def main() -> int:
         "final_step": args.steps,
         "digest": digest(model, optim),
         "restored": restored,
-        "durable_steps": [w.step for w in durable_writers],
+        "durable_steps": durable_steps,
     }
     (work_dir / f"result-r{rank}.json").write_text(json.dumps(final))
-    if cfg is not None:
+    if mgr is not None:
         if restored is None:
             how = "never resumed"
         else:

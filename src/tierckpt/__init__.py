@@ -1,5 +1,6 @@
 """tierckpt: tiered checkpointing (node memory, peer memory, durable object store) for PyTorch DCP."""
 
+from . import metrics
 from .api import async_save, load, save
 from .config import CheckpointConfig
 from .dcp.reader import TieredStorageReader
@@ -21,9 +22,42 @@ from .errors import (
     TierFullError,
     UnsafeMemoryRootError,
 )
+from .manager import CheckpointManager, PendingSave
+from .policies import (
+    AnyOf,
+    EveryNSeconds,
+    EveryNSteps,
+    KeepEveryM,
+    KeepLastK,
+    Never,
+    RetentionPolicy,
+    SaveContext,
+    SavePolicy,
+)
+from .preemption import Preempted
 from .resume import PendingDrain, pending_drains, resume_pending
+from .state import Batches, ModelState, PerRank, ResumableIterator, RNGState, TrainingState
 
 __all__ = [
+    "AnyOf",
+    "Batches",
+    "CheckpointManager",
+    "EveryNSeconds",
+    "EveryNSteps",
+    "KeepEveryM",
+    "KeepLastK",
+    "ModelState",
+    "Never",
+    "PendingSave",
+    "PerRank",
+    "Preempted",
+    "RNGState",
+    "ResumableIterator",
+    "RetentionPolicy",
+    "SaveContext",
+    "SavePolicy",
+    "TrainingState",
+    "metrics",
     "CheckpointConfig",
     "CheckpointNotFoundError",
     "CollectiveTimeoutError",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future
 
+from . import metrics
 from ._log import logger_for, step_message, summary
 from .config import CheckpointConfig
 from .drain import (
@@ -136,11 +137,18 @@ def start_durable_commit(
             )
         except BaseException as e:
             note_failure(config, record.step, attempt, rank, e, log)
+            metrics.observe_drain(config.namespace, time.perf_counter() - t0, 0, ok=False)
             done.set_exception(as_drain_error(e, record.step))
             log.error(step_message(rank, record.step, f"Durable drain failed: {e}"))
             return
         summary(
             log, f"step {record.step} durable in {durable.url} ({time.perf_counter() - t0:.1f} s)"
+        )
+        metrics.observe_drain(
+            config.namespace,
+            time.perf_counter() - t0,
+            sum(max(n, 0) for n in record.files().values()),
+            ok=True,
         )
         done.set_result(None)
         note_success(config, rank)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import logging
 import os
 import subprocess
@@ -11,13 +13,16 @@ import time
 from collections.abc import Sequence
 
 from . import __version__, layout, nodemem
+from ._listing import format_table, item_rows, step_rows
 from .catalog import StepCatalog
 from .cleanup import step_names
 from .config import DEFAULT_MEMORY_ROOT, MEMORY_ROOT_ENV, CheckpointConfig, parse_duration
 from .destination import job_config
+from .durable_gc import apply_gc, plan_gc
 from .errors import IntegrityError, TierckptError
 from .history import newest_key
 from .manifest import checksum
+from .policies import AnyOf, KeepEveryM, KeepLastK
 from .resume import resume_pending
 from .retention import abandoned_steps, drain_pending
 from .tiers.base import Tier
@@ -101,13 +106,23 @@ def cmd_ls_all(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    """List every step of a namespace in each tier, oldest save first (newest last);
+    """List the steps of a namespace: a table (step, save time, size, tiers, drain and
+    replication state, age), oldest save first, then each tier's files; --json for tools;
     with --all, every namespace of the node's memory tier."""
     if args.all:
         return cmd_ls_all(args)
     cfg = _config(args)
     log = logging.getLogger("tierckpt")
+    tiers = _tiers(cfg)
+    rows = step_rows(cfg.namespace, tiers, log)
+    if args.json:
+        where = {t.name: t.url for t in tiers}
+        print(json.dumps({"namespace": cfg.namespace, "tiers": where, "steps": rows}, indent=1))
+        return 0
     print(f"namespace {cfg.namespace}")
+    for line in format_table(rows) if rows else ["    (no steps)"]:
+        print(line)
+    print()
     for tier in _tiers(cfg):
         cat = StepCatalog(tier, cfg.namespace, log)
         print(f"{tier.name:8} {tier.url}")
@@ -205,6 +220,60 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if not bad else 1
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """List the items of one step (name, kind, dtype, shape, size), from its verified
+    metadata in the nearest tier; --json for tools."""
+    cfg = _config(args)
+    rows = item_rows(cfg.namespace, args.step, _tiers(cfg), logging.getLogger("tierckpt"))
+    if args.json:
+        print(json.dumps({"namespace": cfg.namespace, "step": args.step, "items": rows}, indent=1))
+        return 0
+    table = [("ITEM", "KIND", "DTYPE", "SHAPE", "SIZE")]
+    for r in rows:
+        shape = "-" if r["shape"] is None else "(" + ", ".join(map(str, r["shape"])) + ")"
+        table.append((r["name"], r["kind"], r["dtype"], shape, nodemem.human_bytes(r["bytes"])))
+    widths = [max(len(t[i]) for t in table) for i in range(4)]
+    for t in table:
+        print("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=False)) + "  " + t[-1])
+    total = sum(r["bytes"] for r in rows)
+    print(f"{len(rows)} items, {nodemem.human_bytes(total)}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Apply durable retention now: keep the --keep-last newest saves (and every
+    --keep-every-th step); a dry run unless --apply."""
+    parts: list[object] = []
+    if args.keep_last is not None:
+        parts.append(KeepLastK(args.keep_last))
+    if args.keep_every is not None:
+        parts.append(KeepEveryM(args.keep_every))
+    if not parts:
+        print("error: give --keep-last K (and optionally --keep-every M)", file=sys.stderr)
+        return 2
+    policy = parts[0] if len(parts) == 1 else AnyOf(*parts)
+    cfg = _config(args)
+    log = logging.getLogger("tierckpt")
+    durable = open_durable_tier(cfg, create=False)
+    plan = plan_gc(cfg, durable, policy, log)  # type: ignore[arg-type]
+    print(f"durable {durable.url}, namespace {cfg.namespace}, policy {policy!r}")
+    print(f"keep:   {plan.keep or 'nothing'}")
+    for step in plan.delete:
+        why = " (abandoned by a rewind)" if step in plan.abandoned else ""
+        verb = "delete" if args.apply else "would delete"
+        print(f"{verb} step {step} ({nodemem.human_bytes(plan.sizes.get(step, 0))}){why}")
+    for step in plan.unreadable:
+        print(f"left in place: step {step} (unreadable commit)")
+    if not plan.delete:
+        print("nothing to delete")
+    elif args.apply:
+        deleted = apply_gc(cfg, durable, plan, log)
+        print(f"deleted steps {deleted}")
+    else:
+        print("dry run: nothing deleted; add --apply to delete")
+    return 0
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     """Finish durable uploads that a crash interrupted, and wait for them."""
     steps = resume_pending(_config(args)).result()
@@ -285,7 +354,11 @@ def cmd_bench(args: argparse.Namespace, rest: Sequence[str]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tierckpt", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="tierckpt",
+        description=__doc__,
+        epilog="example: tierckpt ls -n run-7    (tierckpt COMMAND --help for each command)",
+    )
     p.add_argument("--version", action="version", version=f"tierckpt {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -306,19 +379,77 @@ def _parser() -> argparse.ArgumentParser:
         )
         return sp
 
-    ls = with_location(sub.add_parser("ls", help=cmd_ls.__doc__), required=False)
+    def command(name: str, fn: object, *examples: str) -> argparse.ArgumentParser:
+        doc = inspect.cleandoc(fn.__doc__ or "")
+        return sub.add_parser(
+            name,
+            help=doc.split(";")[0].split("\n\n")[0],
+            description=doc,
+            epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    ls = with_location(
+        command(
+            "ls",
+            cmd_ls,
+            "tierckpt ls -n run-7",
+            "tierckpt ls -n run-7 --json | jq '.steps[-1].step'",
+            "tierckpt ls --all",
+        ),
+        required=False,
+    )
     ls.add_argument("--all", action="store_true", help="every namespace on this node (no -n)")
-    v = with_location(sub.add_parser("verify", help=cmd_verify.__doc__))
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ins = with_location(
+        command(
+            "inspect",
+            cmd_inspect,
+            "tierckpt inspect -n run-7 500",
+            "tierckpt inspect -n run-7 500 --json",
+        )
+    )
+    ins.add_argument("step", type=int, help="the step to inspect")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    gc = with_location(
+        command(
+            "gc",
+            cmd_gc,
+            "tierckpt gc -n run-7 --keep-last 3                  # dry run: what would go",
+            "tierckpt gc -n run-7 --keep-last 3 --keep-every 1000 --apply",
+        )
+    )
+    gc.add_argument(
+        "--keep-last", type=int, default=None, metavar="K", help="keep the K newest saves"
+    )
+    gc.add_argument(
+        "--keep-every", type=int, default=None, metavar="M", help="also keep every M-th step"
+    )
+    gc.add_argument("--apply", action="store_true", help="delete (default: dry run)")
+    v = with_location(command("verify", cmd_verify, "tierckpt verify -n run-7 --step 500"))
     v.add_argument("--step", type=int, required=True)
-    with_location(sub.add_parser("resume", help=cmd_resume.__doc__))
-    c = with_location(sub.add_parser("clear-memory", help=cmd_clear_memory.__doc__), False)
+    with_location(command("resume", cmd_resume, "tierckpt resume -n run-7"))
+    c = with_location(
+        command(
+            "clear-memory",
+            cmd_clear_memory,
+            "tierckpt clear-memory -n run-7",
+            "tierckpt clear-memory --older-than 2h",
+        ),
+        False,
+    )
     c.add_argument(
         "--older-than",
         default=None,
         metavar="DURATION",
         help="remove namespaces (or -n's) idle this long and owned by no live job: 30m, 2h, 7d",
     )
-    sub.add_parser("bench", help=cmd_bench.__doc__, add_help=False)
+    sub.add_parser(
+        "bench",
+        help=cmd_bench.__doc__,
+        add_help=False,
+        epilog="examples:\n  tierckpt bench --quick",
+    )
     return p
 
 
@@ -336,6 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("clear-memory needs -n NAMESPACE, or --older-than DURATION")
     commands = {
         "ls": cmd_ls,
+        "inspect": cmd_inspect,
+        "gc": cmd_gc,
         "verify": cmd_verify,
         "resume": cmd_resume,
         "clear-memory": cmd_clear_memory,

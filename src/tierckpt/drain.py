@@ -26,6 +26,7 @@ from .catalog import StepCatalog
 from .constants import COMMIT_POLL_FIRST_S, COMMIT_POLL_MAX_S
 from .errors import DurableTierError, DurableUnavailableError
 from .manifest import CommitRecord, RankManifest
+from .progress import Progress
 from .tiers.base import Tier
 from .tiers.memory import MemoryTier
 
@@ -73,10 +74,16 @@ def upload_rank_part(
     with drains.lock:
         drains.in_flight.add((namespace, step, attempt, rank))
     total = 0
+    progress = Progress(
+        log,
+        f"step {step} drain (rank {rank})",
+        sum(manifest.files[n].get("size", 0) for n in manifest.files),
+    )
     try:
         for name in manifest.files:
             key = layout.step_key(namespace, step, name)
             total += durable.put_file(key, memory.path(key))
+            progress.add(total - progress.done)
         crash_point("drain.after_data")
         durable.write(
             layout.step_key(namespace, step, layout.manifest_name(attempt, rank)),

@@ -21,6 +21,7 @@ from ._log import step_message
 from .constants import READ_THREADS
 from .errors import IntegrityError
 from .manifest import checksum
+from .progress import Progress
 from .tiers.base import Buffer, KeyNotFoundError, Tier
 from .tiers.memory import MemoryTier
 
@@ -65,10 +66,12 @@ class Fetcher:
         self.rank = rank
         self.log = log
         self._count_lock = threading.Lock()
+        self.progress = Progress(log, f"step {step} load (rank {rank})", 0)
 
     def fetch_all(self, files: dict[str, list[Blob]]) -> dict[str, list[Buffer | None]]:
         """:meth:`fetch_file` for every file, in a pool of reader threads."""
         workers = max(1, min(READ_THREADS, len(files)))
+        self.progress.total = sum(b.length for blobs in files.values() for b in blobs)
         with ThreadPoolExecutor(workers, thread_name_prefix="tierckpt-read") as pool:
             loaded = list(pool.map(lambda e: self.fetch_file(*e), files.items()))
         return dict(zip(files, loaded, strict=True))
@@ -127,6 +130,7 @@ class Fetcher:
     def _count(self, tier: Tier, nbytes: int) -> None:
         with self._count_lock:
             self.counts[tier.name] = self.counts.get(tier.name, 0) + nbytes
+        self.progress.add(nbytes)
 
     def _read_memory(self, key: str, blobs: list[Blob]) -> list[_Fetched | Exception]:
         """Memory tier: copy each blob out (into its ``into`` when given, else into a

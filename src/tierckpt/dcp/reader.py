@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 
-from .. import layout
+from .. import layout, metrics
 from .._collective import arrive
 from .._log import logger_for, megabytes, rate, step_message, summary
 from ..config import CheckpointConfig, require_config
@@ -209,6 +209,12 @@ class TieredStorageReader(StorageReader):
             f"{k}={v - before.get(k, 0)}" for k, v in self.bytes_read_by_tier.items()
         )
         seconds = time.perf_counter() - t0
+        metrics.observe_load(
+            self.config.namespace,
+            self.step,
+            seconds,
+            {k: v - before.get(k, 0) for k, v in self.bytes_read_by_tier.items()},
+        )
         self.log.debug(
             step_message(
                 self.rank,

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
-from .. import layout
+from .. import layout, metrics
 from .._drain_start import start_durable_commit, start_upload, watch_commit
 from .._log import logger_for, megabytes, step_message, summary
 from ..config import CheckpointConfig, require_config
@@ -363,6 +363,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             f"step {self.step} saved to memory in {seconds:.3f} s ({megabytes(nbytes)}, "
             f"{nbytes / 1e6 / max(seconds, 1e-9):.1f} MB/s)",
         )
+        metrics.observe_save(self.config.namespace, seconds, nbytes)
         if self._durable:
             start_durable_commit(
                 self.config,
