@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -139,6 +140,35 @@ def _reported_error(out_dir: str, rank: int) -> bool:
         return False
     with open(path, "rb") as f:
         return bool(pickle.load(f)[0] == "error")
+
+
+class PreloadedStarts:
+    """Stands in for ``multiprocessing`` here: rank processes are forked from a forkserver
+    that has already imported torch, tierckpt and the given worker modules.
+
+    Each launch then costs ~0.1 s instead of ~2.3 s of imports; the ranks are still fresh
+    processes (the server never ran a torch op, a collective or a save).
+    """
+
+    def __init__(self, modules: list[str]) -> None:
+        import multiprocessing
+
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload(["torch", "tierckpt", *modules])
+
+    def get_context(self, method: str | None = None) -> Any:
+        return self._ctx
+
+
+_PRELOADED: list[PreloadedStarts] = []
+
+
+def use_preloaded_starts(monkeypatch: pytest.MonkeyPatch, modules: list[str]) -> None:
+    """Start this test's ranks from the forkserver (one per pytest process: the first
+    caller's ``modules`` are preloaded, others' import in each rank, after torch)."""
+    if not _PRELOADED:
+        _PRELOADED.append(PreloadedStarts(modules))
+    monkeypatch.setattr(sys.modules[__name__], "mp", _PRELOADED[0])
 
 
 def launch_ranks(

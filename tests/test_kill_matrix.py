@@ -23,7 +23,6 @@ matrix cost seconds of start-up, not minutes.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -298,30 +297,9 @@ def _durable_gaps(durable_dir: str, steps: list[int], memory_commits: dict[int, 
 # --------------------------------------------------------------------------- the matrix
 
 
-class _PreloadedStarts:
-    """Stands in for ``multiprocessing`` in ``fixtures_dist``: rank processes are forked from
-    a forkserver that has already imported torch and tierckpt.
-
-    Each launch then costs ~0.1 s instead of ~2.3 s of imports; the ranks are still fresh
-    processes (the server never ran a torch op, a collective or a save).
-    """
-
-    def __init__(self) -> None:
-        self._ctx = mp.get_context("forkserver")
-        self._ctx.set_forkserver_preload(["torch", "tierckpt", "workers_kill"])
-
-    def get_context(self, method: str | None = None) -> Any:
-        return self._ctx
-
-
-_STARTS: list[_PreloadedStarts] = []
-
-
 @pytest.fixture(autouse=True)
 def fast_rank_starts(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not _STARTS:
-        _STARTS.append(_PreloadedStarts())
-    monkeypatch.setattr(fixtures_dist, "mp", _STARTS[0])
+    fixtures_dist.use_preloaded_starts(monkeypatch, ["workers_kill"])
 
 
 @pytest.fixture

@@ -17,10 +17,16 @@ from typing import Any
 
 import pytest
 
+import fixtures_dist
 import workers_multinode as wm
 from fixtures_dist import launch_ranks, run_ranks
 
 NS = "mn"
+
+
+@pytest.fixture(autouse=True)
+def fast_rank_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    fixtures_dist.use_preloaded_starts(monkeypatch, ["workers_multinode"])
 
 
 @pytest.fixture
@@ -54,7 +60,7 @@ def test_two_nodes_commit_everywhere_replicate_and_survive_the_loss_of_a_node(
     roots = roots_factory(2)
     nodes = _nodes(roots, 2, 4, durable_base_path=f"file://{tmp_path}/durable")
     saved = run_ranks(wm.w_save_steps, 4, nodes, [1, 2, 3], timeout=120)
-    for rank, res in enumerate(saved):
+    for res in saved:
         # Every node holds each commit when dcp.save returns, with no extra collective.
         assert all(all(v) and len(v) == 2 for v in res["commit_everywhere"].values()), res
         assert res["peer_done"] == {1: True, 2: True, 3: True}

@@ -20,6 +20,7 @@ from .errors import CheckpointNotFoundError, IntegrityError
 from .history import newest_key
 from .manifest import CommitRecord
 from .nodemem import human_age, human_bytes
+from .peer.inventory import node_parts
 from .retention import abandoned_steps, drain_pending
 from .tiers.base import Tier
 from .tiers.memory import MemoryTier
@@ -28,8 +29,15 @@ __all__ = ["format_table", "item_rows", "step_rows"]
 
 
 def _replication_state(step: int, record: CommitRecord | None, memory: Tier | None) -> str:
-    """The peer tier's state of ``step`` ("-": no peer tier yet; filled in with it)."""
-    return "-"
+    """This node's parts of ``step``: its own ranks (and the nodes replicating them) and the
+    replicas it holds of other nodes' ranks; "-" for a one-node save or none here."""
+    if (
+        record is None
+        or memory is None
+        or (record.peer_replicas <= 0 and len(set(record.nodes)) <= 1)
+    ):
+        return "-"
+    return node_parts(memory, record.namespace, record).describe()
 
 
 def step_rows(namespace: str, tiers: list[Tier], log: logging.Logger) -> list[dict[str, Any]]:
@@ -76,6 +84,9 @@ def step_rows(namespace: str, tiers: list[Tier], log: logging.Logger) -> list[di
         row["world_size"] = record.world_size if record is not None else None
         row["age_s"] = now - record.created if record is not None else None
         row["peers"] = _replication_state(step, record, memory)
+        if record is not None and memory is not None and record.nodes:
+            row["nodes"] = dict(enumerate(record.nodes))
+            row["node_parts"] = node_parts(memory, namespace, record).to_json()
         out.append(row)
     out.sort(
         key=lambda r: (r["generation"] is not None, newest_key(r["step"], r["generation"] or 0))

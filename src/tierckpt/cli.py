@@ -22,6 +22,7 @@ from .durable_gc import apply_gc, plan_gc
 from .errors import IntegrityError, TierckptError
 from .history import newest_key
 from .manifest import checksum
+from .peer.inventory import node_parts
 from .policies import AnyOf, KeepEveryM, KeepLastK
 from .resume import resume_pending
 from .retention import abandoned_steps, drain_pending
@@ -207,7 +208,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
                         print(
                             f"{tier.name:8} step {args.step}: CHECKSUM MISMATCH {name} [{offset}:+{length}]"
                         )
+        elsewhere: list[str] = []
+        if isinstance(tier, MemoryTier) and len(set(record.nodes)) > 1:
+            # A multi-node save: this node holds its own parts and the replicas placed here;
+            # the other parts live on other nodes (verify there). Replicas are checked above.
+            parts = node_parts(tier, cfg.namespace, record)
+            mine = {r for r, n in enumerate(record.nodes) if n == cfg.node_id}
+            held = set(parts.own) | set(parts.replicas) | mine
+            for part in record.ranks:
+                if part.rank not in held:
+                    elsewhere += [n for n in [part.manifest, *part.files] if n in missing]
+            missing = [n for n in missing if n not in elsewhere]
+            print(f"{tier.name:8} step {args.step}: this node holds {parts.describe()}")
         status = f"missing {missing}" if missing else "all files present"
+        if elsewhere:
+            status += f" ({len(elsewhere)} file(s) of other nodes' parts are on those nodes)"
         print(f"{tier.name:8} step {args.step}: attempt {record.attempt}, {status}")
         bad += len(missing)
     if not seen:

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 
 from .. import layout, metrics
 from .._collective import arrive
+from .._exit import run_in_background
 from .._log import logger_for, megabytes, rate, step_message, summary
 from ..config import CheckpointConfig, require_config
 from ..errors import IntegrityError
@@ -189,15 +190,10 @@ class TieredStorageReader(StorageReader):
         except IntegrityError as e:
             raise self.finder.mark_unloadable(self.step, self.attempt, e) from e
         if self.finder.peer_tiers and self._record is not None:
-            refill_parts(
-                self.config,
-                self.memory,
-                self._record,
-                self.rank,
-                list(per_file),
-                self.finder.peer_tiers,
-                self.log,
-            )
+            args = (self.config, self.memory, self._record, self.rank, list(per_file))
+            peers, log = list(self.finder.peer_tiers), self.log
+            # In the background: the load is done; tierckpt.wait_for_drains() waits for it.
+            run_in_background(lambda: refill_parts(*args, peers, log), name="tierckpt-refill")
         for fname, items in per_file.items():
             for item, buf in zip(items, loaded[fname], strict=True):
                 if buf is None:  # read straight into its target and verified there

@@ -9,13 +9,15 @@ and fails with :class:`ReplicationError` when it cannot be (the save stays commi
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from .. import layout
+from .. import layout, metrics
 from .._exit import run_in_background
 from .._faults import crash_point
 from .._log import logger_for, rate, step_message
@@ -26,7 +28,7 @@ from ..manifest import RankManifest, checksum
 from ..tiers.memory import MemoryTier
 from .node import PeerNode
 
-__all__ = ["Target", "replicate_part"]
+__all__ = ["Superseded", "Target", "background_priority", "replicate_part"]
 
 POLL_S = 0.005
 """How often a replication waiting for its step's commit looks for it (a local stat)."""
@@ -64,11 +66,28 @@ def replicate_part(
             return _latest[key] != seq
 
     def body() -> None:
+        background_priority()
         with lock:  # one replication of a rank at a time, in order
+            if superseded():  # a newer save of this rank is queued: replicate that one
+                raise Superseded(
+                    f"Step {manifest.step}: not replicated, a newer save of rank "
+                    f"{manifest.rank} was queued behind it (replications coalesce)."
+                )
             _replicate(config, memory, node, manifest, targets, superseded)
 
     fut = run_in_background(body, name=f"tierckpt-replicate-{manifest.step}")
     fut.add_done_callback(lambda f: _resolve(done, f))
+
+
+class Superseded(ReplicationError):
+    """A queued replication skipped because a newer save of the same rank came after it."""
+
+
+def background_priority() -> None:
+    """Run this thread at the lowest CPU priority: replication uses the cores training
+    leaves idle (Linux: a thread's nice value is its own)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _resolve(done: Future[None], fut: Future[None]) -> None:
@@ -163,7 +182,9 @@ def _replicate(
             "next save replicates again."
         )
         log.warning(step_message(rank, step, message))
+        metrics.observe_replication(ns, time.perf_counter() - t0, 0, False)
         raise ReplicationError(message) from (error or e)
+    metrics.observe_replication(ns, time.perf_counter() - t0, nbytes, True)
     log.debug(
         step_message(
             rank,
