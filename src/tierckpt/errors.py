@@ -11,6 +11,7 @@ __all__ = [
     "IntegrityError",
     "InvalidStepError",
     "MemoryBudgetError",
+    "PeerError",
     "StepUnloadableError",
     "TierFullError",
     "TierckptError",
@@ -67,3 +68,14 @@ class DurableUnavailableError(DurableTierError):
 class CollectiveTimeoutError(TierckptError, TimeoutError):
     """Ranks did not all reach one of tierckpt's collective steps within
     ``collective_timeout_s``; the message names the ranks that are missing and the likely cause."""
+
+
+class PeerError(TierckptError):
+    """The peer tier's transport failed: a peer is unreachable, timed out, refused the
+    connection (wrong job secret, too busy) or refused a request (no room, bad key).
+
+    ``remote_type`` is the class name of the error the peer raised, when it raised one
+    (``"TierFullError"`` for a refused reservation, say), else ``None``.
+    """
+
+    remote_type: str | None = None
