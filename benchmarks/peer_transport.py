@@ -12,6 +12,9 @@ order:
 - ``ceiling pull``: the same the other way (the server sends, this process receives).
 - ``put_file``: ``PeerClient.put_file`` of the same tmpfs file (16 MiB blobs): the peer writes
   a new tmpfs file, verifies every blob's xxh3-128 and renames it before it acks.
+- ``bare push into a tmpfs file``: the bare push, received into a reused 4 MiB buffer and
+  ``pwrite``n into a new tmpfs file: what any receiver that stores the bytes must pay.
+- ``put_file, no blobs to verify``: ``put_file`` with an empty blob list (no checksum).
 - ``read_into``: ``PeerClient.read_into`` of the file into a preallocated buffer.
 
 With ``--streams 2`` (default) each is also run as 2 parallel streams over halves of the
@@ -30,6 +33,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -41,6 +45,7 @@ from typing import Any
 
 from tierckpt.manifest import checksum
 from tierckpt.peer import PeerClient, PeerService
+from tierckpt.peer._wire import sendfile_all
 
 __all__ = ["main"]
 
@@ -51,11 +56,23 @@ SECRET = os.urandom(32)
 _OP = struct.Struct(">cQQ")  # op (P push / G pull), offset, nbytes
 
 
+def _like_the_transport(sock: socket.socket) -> None:
+    """The socket options of the transport's sockets (a timeout: non-blocking underneath)."""
+    sock.settimeout(60)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 # -- the server process -------------------------------------------------------------------
 
 
-def _bare_serve(conn: socket.socket, src_fd: int, buf: memoryview) -> None:
-    """The ceiling: push = recv_into the warm buffer, pull = sendfile; 1-byte ack."""
+def _bare_serve(conn: socket.socket, src_fd: int, buf: memoryview, dst_dir: str) -> None:
+    """The ceiling: push = recv_into the warm buffer, pull = sendfile; 1-byte ack.
+
+    ``F`` (push into a tmpfs file): recv_into a reused 4 MiB buffer and pwrite it into a new
+    file, what any receiver that stores the bytes in tmpfs must pay at least.
+    """
+    chunk = memoryview(bytearray(4 << 20))
+    _like_the_transport(conn)
     with conn:
         while True:
             head = bytearray(_OP.size)
@@ -67,10 +84,24 @@ def _bare_serve(conn: socket.socket, src_fd: int, buf: memoryview) -> None:
                 while got < n:
                     got += conn.recv_into(view[got:], n - got)
                 conn.sendall(b"k")
+            elif op == b"F":
+                fd = os.open(
+                    os.path.join(dst_dir, f"bare-{off}-{time.monotonic_ns()}.bin"),
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                    0o600,
+                )
+                os.ftruncate(fd, n)
+                pos = 0
+                while pos < n:
+                    part, got = chunk[: min(len(chunk), n - pos)], 0
+                    while got < len(part):
+                        got += conn.recv_into(part[got:], len(part) - got)
+                    os.pwrite(fd, part, pos)
+                    pos += len(part)
+                os.close(fd)
+                conn.sendall(b"k")
             else:
-                sent = 0
-                while sent < n:
-                    sent += os.sendfile(conn.fileno(), src_fd, off + sent, n - sent)
+                sendfile_all(conn, src_fd, off, n, 60)
                 conn.recv(1)
 
 
@@ -84,7 +115,9 @@ def _server_main(root: str, src: str, nbytes: int, secret: bytes, pipe: Any) -> 
     def accept() -> None:
         while True:
             c, _ = bare.accept()
-            threading.Thread(target=_bare_serve, args=(c, src_fd, buf), daemon=True).start()
+            threading.Thread(
+                target=_bare_serve, args=(c, src_fd, buf, os.path.join(root, "dst")), daemon=True
+            ).start()
 
     threading.Thread(target=accept, daemon=True).start()
     pipe.send((service.address, bare.getsockname()[:2]))
@@ -102,11 +135,10 @@ def _bare(address: tuple[str, int]) -> Callable[[str, int, int, memoryview, int]
         sock = getattr(local, "sock", None)
         if sock is None:
             sock = local.sock = socket.create_connection(address)
-        sock.sendall(_OP.pack(b"P" if kind == "push" else b"G", off, n))
-        if kind == "push":
-            sent = 0
-            while sent < n:
-                sent += os.sendfile(sock.fileno(), src_fd, off + sent, n - sent)
+            _like_the_transport(sock)
+        sock.sendall(_OP.pack({"push": b"P", "file": b"F", "pull": b"G"}[kind], off, n))
+        if kind in ("push", "file"):
+            sendfile_all(sock, src_fd, off, n, 60)
             sock.recv(1)
         else:
             view, got = out[off : off + n], 0
@@ -195,14 +227,14 @@ def _measure(args: argparse.Namespace, work: str) -> dict[str, Any]:
     bare = _bare(bare_addr)
     counter = [0]
 
-    def put(streams: int) -> Callable[[int], None]:
+    def put(streams: int, verify: bool = True) -> Callable[[int], None]:
         def fn(i: int) -> None:
             counter[0] += 1
             key = f"dst/put-{counter[0]}-{i}.bin"
             if streams == 1:
-                clients[i].put_file(src, key, blobs_whole)
+                clients[i].put_file(src, key, blobs_whole if verify else [])
             else:
-                clients[i].put_file(half_src[i], key, blobs_half[i])
+                clients[i].put_file(half_src[i], key, blobs_half[i] if verify else [])
 
         return fn
 
@@ -224,7 +256,10 @@ def _measure(args: argparse.Namespace, work: str) -> dict[str, Any]:
     for s in [1] + ([args.streams] if args.streams > 1 else []):
         tag = "" if s == 1 else f" x{s}"
         systems[f"ceiling push{tag}"] = (ceiling("push", s), s)
+        systems[f"bare push into a tmpfs file{tag}"] = (ceiling("file", s), s)
         systems[f"put_file{tag}"] = (put(s), s)
+        if s == 1:
+            systems["put_file, no blobs to verify"] = (put(s, verify=False), s)
         systems[f"ceiling pull{tag}"] = (ceiling("pull", s), s)
         systems[f"read_into{tag}"] = (read(s), s)
     names = list(systems)
@@ -262,24 +297,35 @@ def _summarise(raw: dict[str, Any]) -> dict[str, Any]:
             "best_gibs": max(rates),
         }
     for name, row in rows.items():
-        base = name.split(" x")[0]
+        base = name.split(" x")[0].split(",")[0]
         tag = name[len(base) :]
         ref = {"put_file": "ceiling push", "read_into": "ceiling pull"}.get(base)
         if ref is not None:
             row["vs_ceiling"] = row["median_gibs"] / rows[ref + tag]["median_gibs"]
             row["vs_ceiling_1_stream"] = row["median_gibs"] / rows[ref]["median_gibs"]
+        if base == "put_file":
+            row["vs_bare_tmpfs_file"] = (
+                row["median_gibs"] / rows["bare push into a tmpfs file" + tag]["median_gibs"]
+            )
     return rows
 
 
 def _table(rows: dict[str, dict[str, float]]) -> str:
     lines = [
-        "| operation | median GiB/s | worst GiB/s | vs ceiling (same streams) | vs 1-stream ceiling |",
-        "|---|---:|---:|---:|---:|",
+        "| operation | median GiB/s | worst GiB/s | vs ceiling | vs 1-stream ceiling "
+        "| vs bare push into a tmpfs file |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+
+    def ratio(r: dict[str, float], k: str) -> str:
+        return f"{r[k]:.2f}x" if k in r else "-"
+
     for name, r in rows.items():
-        vs = f"{r['vs_ceiling']:.2f}x" if "vs_ceiling" in r else "-"
-        vs1 = f"{r['vs_ceiling_1_stream']:.2f}x" if "vs_ceiling_1_stream" in r else "-"
-        lines.append(f"| {name} | {r['median_gibs']:.2f} | {r['worst_gibs']:.2f} | {vs} | {vs1} |")
+        lines.append(
+            f"| {name} | {r['median_gibs']:.2f} | {r['worst_gibs']:.2f} "
+            f"| {ratio(r, 'vs_ceiling')} | {ratio(r, 'vs_ceiling_1_stream')} "
+            f"| {ratio(r, 'vs_bare_tmpfs_file')} |"
+        )
     return "\n".join(lines)
 
 
@@ -311,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.gib, args.reps, args.warmup = 0.125, 2, 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the tmpfs files go too
     work = os.path.join(args.shm_dir, f"tierckpt-bench-peer-{os.getpid()}")
     os.makedirs(work, mode=0o700)
     machine = _machine()

@@ -38,7 +38,7 @@ def bind_host(master_addr: str | None = None) -> str:
             f"set {ENV_HOST} to this node's address."
         ) from e
     family, _, _, _, sockaddr = infos[0]
-    if ipaddress.ip_address(sockaddr[0]).is_loopback:
+    if ipaddress.ip_address(str(sockaddr[0]).split("%")[0]).is_loopback:
         return "127.0.0.1"
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as s:

@@ -23,9 +23,11 @@ many bytes of UTF-8 JSON (an object, at most 16 MiB).
    - ``LIST {prefix}`` -> ``{ok, files: {relative name: size}}`` (regular files, recursive,
      no temporaries).
    - ``PUT {key, length, blobs: [[offset, length, xxh3-128 hex], ...]}`` -> ``{ok}`` once
-     space is reserved and allocated (a refusal ends it here), then the client sends
-     ``length`` bytes (``os.sendfile``) and the server answers ``{ok}`` once every blob's
-     checksum matched and the file was renamed to ``key``, or a refusal (``IntegrityError``).
+     space is reserved (the ``reserve`` hook, the file system's free space; a refusal ends it
+     here), then the client sends ``length`` bytes (``os.sendfile``) and the server answers
+     ``{ok}`` once every blob's checksum matched and the file was renamed to ``key``, or a
+     refusal (``IntegrityError``; ``TierFullError`` when a write failed with ENOSPC). Bytes
+     outside every blob (alignment padding) are stored but not checked.
    - ``PUTB {key, length, checksum}`` + ``length`` bytes (at most 64 MiB) -> ``{ok}``: a
      small file, checksum over the whole payload.
    - ``CALL {name, length}`` + payload -> ``{ok, length}`` + the handler's answer.
@@ -39,7 +41,7 @@ could read or alter it, which the checksums of every blob (checked on receipt, a
 against the commit) detect but do not prevent. Run it on the cluster's own network.
 
 Bounds: ``max_connections`` handler threads (more connections are refused at once),
-``CHUNK`` (4 MiB) of buffering per transfer, and ``timeout_s`` on every socket operation, so a
+``RING`` x ``CHUNK`` (3 x 4 MiB) of buffers per PUT and none per READ (``sendfile``), and ``timeout_s`` on every socket operation, so a
 dead or stalled peer raises :class:`~tierckpt.errors.PeerError` within ``timeout_s``.
 """
 
@@ -49,6 +51,7 @@ import atexit
 import builtins
 import contextlib
 import errno
+import hmac
 import logging
 import os
 import select
@@ -97,7 +100,7 @@ class PeerService:
         if not secret:
             raise PeerError("The peer service needs a non-empty job secret (job_secret()).")
         self.root = Root(root)
-        self.secret = bytes(secret)
+        self._secret = bytes(secret)
         self.host = host
         self.timeout_s = timeout_s
         self.max_connections = max_connections
@@ -205,7 +208,7 @@ class PeerService:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(min(self.timeout_s, _AUTH_TIMEOUT_S))
-            if not _wire.server_handshake(conn, self.secret):
+            if not _wire.server_handshake(conn, self._secret):
                 return
             conn.settimeout(self.timeout_s)
             while not self._closed:
@@ -506,7 +509,9 @@ class PeerClient:
             while self._idle:
                 sock = self._idle.pop()
                 # readable while idle = the peer closed it (EOF) or sent junk: not reusable
-                if not select.select([sock], [], [], 0)[0]:
+                poller = select.poll()
+                poller.register(sock.fileno(), select.POLLIN)
+                if not poller.poll(0):
                     return sock
                 sock.close()
         return self._connect()
@@ -695,7 +700,7 @@ def get_service(root: str, secret: bytes, host: str, **options: Any) -> PeerServ
     with _services_lock:
         svc = _services.get(path)
         if svc is not None and not svc._closed:
-            if svc.secret != bytes(secret) or svc.host != host:
+            if not hmac.compare_digest(svc._secret, bytes(secret)) or svc.host != host:
                 raise PeerError(
                     f"The peer service over {path} already runs with another secret or host "
                     f"({svc.host}); one service per memory root and job."
