@@ -57,6 +57,7 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
@@ -73,6 +74,8 @@ __all__ = ["PeerClient", "PeerService", "get_service"]
 
 _log = logging.getLogger("tierckpt.peer")
 _AUTH_TIMEOUT_S = 10.0
+_MAX_IDLE_S = 10.0
+"""A pooled connection idle longer is not reused (services drop idle ones after timeout_s)."""
 
 
 class PeerService:
@@ -478,7 +481,7 @@ class PeerClient:
         self.timeout_s = timeout_s
         self._secret = bytes(secret)
         self._where = f"{self.address[0]}:{self.address[1]}"
-        self._idle: list[socket.socket] = []
+        self._idle: list[tuple[socket.socket, float]] = []  # (connection, when it went idle)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -507,11 +510,12 @@ class PeerClient:
             if self._closed:
                 raise PeerError(f"The client of {self._where} is closed.")
             while self._idle:
-                sock = self._idle.pop()
-                # readable while idle = the peer closed it (EOF) or sent junk: not reusable
+                sock, since = self._idle.pop()
+                # readable while idle = the peer closed it (EOF) or sent junk; and one idle for
+                # long may be closed by the peer's idle timeout while we send: not reused
                 poller = select.poll()
                 poller.register(sock.fileno(), select.POLLIN)
-                if not poller.poll(0):
+                if time.monotonic() - since < _MAX_IDLE_S and not poller.poll(0):
                     return sock
                 sock.close()
         return self._connect()
@@ -531,7 +535,7 @@ class PeerClient:
         finally:
             with self._lock:
                 if reusable and not self._closed:
-                    self._idle.append(sock)
+                    self._idle.append((sock, time.monotonic()))
                 else:
                     sock.close()
 
@@ -661,7 +665,7 @@ class PeerClient:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-        for s in idle:
+        for s, _ in idle:
             s.close()
 
     def __enter__(self) -> PeerClient:
