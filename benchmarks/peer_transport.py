@@ -297,8 +297,9 @@ def _summarise(raw: dict[str, Any]) -> dict[str, Any]:
             "best_gibs": max(rates),
         }
     for name, row in rows.items():
-        base = name.split(" x")[0].split(",")[0]
-        tag = name[len(base) :]
+        head, sep, streams = name.rpartition(" x")
+        tag = sep + streams if sep and streams.isdigit() else ""
+        base = (head if tag else name).split(",")[0]
         ref = {"put_file": "ceiling push", "read_into": "ceiling pull"}.get(base)
         if ref is not None:
             row["vs_ceiling"] = row["median_gibs"] / rows[ref + tag]["median_gibs"]
