@@ -161,6 +161,12 @@ class Fetcher:
 
 def _fetch(tier: Tier, key: str, blobs: list[Blob]) -> list[_Fetched | Exception]:
     """Bytes of each blob from a tier other than memory (an exception for a failed one)."""
+    fetch_into = getattr(tier, "fetch_into", None)
+    if fetch_into is not None:  # peers: received straight into the targets, then hashed
+        out: list[_Fetched | Exception] = fetch_into(
+            key, [(b.offset, b.length, b.into) for b in blobs]
+        )
+        return out
     read_ranges = getattr(tier, "read_ranges", None)
     if read_ranges is not None:  # object stores: parallel ranged GETs, near ranges coalesced
         try:

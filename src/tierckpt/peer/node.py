@@ -20,6 +20,7 @@ from ..errors import PeerError
 from ..retention import make_room
 from ..tiers.memory import MemoryTier
 from .address import bind_host
+from .priority import background_priority
 from .secret import job_secret
 from .transport import PeerClient, PeerService
 
@@ -109,6 +110,7 @@ class PeerNode:
         found = self._split(key)
         if found is None:
             raise PeerError(f"Refusing {key!r}: not a step file of a namespace served here.")
+        background_priority()  # receiving replicas uses the cores training leaves idle
         config = found[0]
         self.memory.check_trusted(config.namespace)
         budget = config.memory_budget_bytes

@@ -9,9 +9,7 @@ and fails with :class:`ReplicationError` when it cannot be (the save stays commi
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import threading
 import time
 from concurrent.futures import Future
@@ -27,8 +25,9 @@ from ..errors import ReplicationError
 from ..manifest import RankManifest, checksum
 from ..tiers.memory import MemoryTier
 from .node import PeerNode
+from .priority import background_priority
 
-__all__ = ["Superseded", "Target", "background_priority", "replicate_part"]
+__all__ = ["Superseded", "Target", "replicate_part"]
 
 POLL_S = 0.005
 """How often a replication waiting for its step's commit looks for it (a local stat)."""
@@ -81,13 +80,6 @@ def replicate_part(
 
 class Superseded(ReplicationError):
     """A queued replication skipped because a newer save of the same rank came after it."""
-
-
-def background_priority() -> None:
-    """Run this thread at the lowest CPU priority: replication uses the cores training
-    leaves idle (Linux: a thread's nice value is its own)."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _resolve(done: Future[None], fut: Future[None]) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 from .. import layout
 from ..errors import PeerError
+from ..manifest import checksum
 from ..tiers.base import Buffer, KeyNotFoundError
 from .transport import PeerClient
 
@@ -88,6 +89,36 @@ class PeerTier:
                 return list(client.read_ranges(key, ranges))
         except PeerError as e:
             return [e] * len(ranges)
+
+    def fetch_into(
+        self, key: str, blobs: list[tuple[int, int, memoryview | None]]
+    ) -> list[tuple[Buffer | None, int, str] | Exception]:
+        """Each blob as ``(bytes or None, length, xxh3-128)``: received straight into its
+        target when one is given (zero-copy), else into a buffer; an exception per failure.
+        The caller compares the checksum: a target that fails it is overwritten later."""
+        if not self.holds(key):
+            missing = KeyNotFoundError(f"{self.url}: {key} is not held there")
+            return [missing] * len(blobs)
+        out: list[tuple[Buffer | None, int, str] | Exception] = []
+        try:
+            with self._client() as client:
+                loose = [(o, n) for o, n, into in blobs if into is None]
+                bufs = iter(client.read_ranges(key, loose) if loose else [])
+                for offset, length, into in blobs:
+                    if into is None:
+                        buf = next(bufs)
+                        out.append(
+                            buf if isinstance(buf, Exception) else (buf, len(buf), checksum(buf))
+                        )
+                        continue
+                    try:
+                        client.read_into(key, offset, into)
+                        out.append((None, length, checksum(into)))
+                    except (PeerError, KeyNotFoundError) as e:
+                        out.append(e)
+        except PeerError as e:
+            out += [e] * (len(blobs) - len(out))
+        return out
 
     def list(self, prefix: str) -> dict[str, int]:
         parts = prefix.rstrip("/").split("/")
