@@ -8,6 +8,9 @@ processes; peers talk over real loopback sockets with the per-job secret.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import shutil
 import signal
@@ -49,6 +52,31 @@ def _nodes(roots: list[str], per_node: int, world_size: int, **config: Any) -> w
     return wm.Nodes(roots, per_node, {"namespace": NS, "world_size": world_size, **config})
 
 
+def _cli(argv: list[str]) -> tuple[int, str]:
+    from tierckpt.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(argv)
+    return code, buf.getvalue()
+
+
+def _ls_json(root: str, durable: str) -> list[dict[str, Any]]:
+    code, out = _cli(
+        ["ls", "-n", NS, "--memory-root", root, "--durable", f"file://{durable}/durable", "--json"]
+    )
+    assert code == 0, out
+    rows: list[dict[str, Any]] = json.loads(out)["steps"]
+    return rows
+
+
+def _flip(path: str) -> None:
+    with open(path, "r+b") as f:
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
 def _names(root: str, step: int) -> list[str]:
     d = os.path.join(root, NS, f"step_{step}")
     return sorted(os.listdir(d)) if os.path.isdir(d) else []
@@ -70,6 +98,20 @@ def test_two_nodes_commit_everywhere_replicate_and_survive_the_loss_of_a_node(
         assert sum(n.endswith(".replica") for n in names) == 2, names
         assert all(any(n.endswith(f"-r{r}.replica") for n in names) for r in other), names
         assert sum(n.endswith(".replicated") for n in names) == 2, names
+
+    # `tierckpt ls` shows which parts each node holds; `verify` checks the replicas too.
+    for node, own, other in ((0, [0, 1], [2, 3]), (1, [2, 3], [0, 1])):
+        rows = _ls_json(roots[node], str(tmp_path))
+        parts = next(r for r in rows if r["step"] == 3)["node_parts"]
+        assert parts["own"] == own and sorted(map(int, parts["replicas"])) == other, parts
+        assert all(v == [f"node{1 - node}"] for v in parts["replicated_to"].values()), parts
+        code, out = _cli(["verify", "-n", NS, "--memory-root", roots[node], "--step", "3"])
+        assert code == 0 and f"replicas r{other[0]},r{other[1]} from node{1 - node}" in out, out
+    victim = next(n for n in _names(roots[0], 3) if n.endswith("-r2.data"))
+    _flip(os.path.join(roots[0], NS, "step_3", victim))
+    code, out = _cli(["verify", "-n", NS, "--memory-root", roots[0], "--step", "3"])
+    assert code == 1 and "CHECKSUM MISMATCH" in out, out
+    _flip(os.path.join(roots[0], NS, "step_3", victim))
 
     # An intact restart restores the newest save from local memory only.
     for res in run_ranks(wm.w_load, 4, nodes, 3):
@@ -107,11 +149,7 @@ def test_the_coordinators_node_lost_and_a_corrupt_replica_falls_back_to_durable(
     run_ranks(wm.w_drain_step, 4, nodes, 3)  # step 3 also drains to durable
     # Corrupt node 1's replica of rank 1's part (the coordinator's node is node 0).
     victim = next(n for n in _names(roots[1], 3) if n.endswith("-r1.data"))
-    path = os.path.join(roots[1], NS, "step_3", victim)
-    with open(path, "r+b") as f:
-        byte = f.read(1)
-        f.seek(0)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    _flip(os.path.join(roots[1], NS, "step_3", victim))
     wm.lose_node(nodes, 0)
     loaded = run_ranks(wm.w_load, 4, nodes, 3)
     for rank, res in enumerate(loaded):
