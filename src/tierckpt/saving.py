@@ -161,8 +161,8 @@ def _place(data: PartItem, buffer: StagingBuffer, fname: str, tail: int) -> tupl
     if offset is None and nbytes and buffer.used + nbytes <= buffer.capacity:
         offset, digest = buffer.place_hashed(tensor.contiguous())
         return BlobInfo(fname, offset, nbytes, digest, dtype, shape), tail
-    if offset is not None:
-        digest = checksum(buffer.memory(offset, nbytes))
+    if offset is not None:  # staged: hashed as it was written, or now
+        digest = buffer.digest_at(offset, nbytes) or checksum(buffer.memory(offset, nbytes))
         return BlobInfo(fname, offset, nbytes, digest, dtype, shape), tail
     start = align(tail)
     raw = _raw(tensor)
