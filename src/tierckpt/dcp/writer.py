@@ -27,6 +27,7 @@ from .._log import logger_for, megabytes, step_message, summary
 from ..config import CheckpointConfig, require_config
 from ..destination import record_destination
 from ..drain import set_exit_wait
+from ..history import begin_upload, next_generation
 from ..leases import AttemptLease, lease_name
 from ..manifest import BlobInfo, RankManifest
 from ..nodemem import hold_namespace
@@ -36,7 +37,16 @@ from ..staging import PrivateBuffer, StagingBuffer
 from ..tiers.durable import open_durable_tier
 from ..tiers.memory import open_memory_tier
 from ._inflight import Turn, take_turn
-from ._plan import global_plans, local_plan
+from ._plan import (
+    PartReport,
+    check_reports,
+    fresh_answer,
+    global_plans,
+    local_plan,
+    new_token,
+    report_result,
+    split_results,
+)
 from ._stage import stage_for_rank, staged_sizes
 
 __all__ = ["TieredStorageWriter"]
@@ -75,8 +85,8 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         self._staged_attempt = False
         self._lease: AttemptLease | None = None
         self._watching = False
-        self._rank_attempts: dict[int, str] = {}
-        self._generation = 0
+        self._token = new_token()
+        self._newest_generation = 0
         self._upload: Future[int] | None = None
         self._staging: StagingBuffer | None = None
         self._private: PrivateBuffer | None = None
@@ -167,6 +177,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         """
         if self._used:
             self.attempt = layout.new_attempt_id()
+        self._token = new_token()
         self._used = True
         self.memory.ensure_root(self.config.namespace)
         if self._lease is not None:
@@ -176,13 +187,15 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         assert self.step is not None
-        return local_plan(plan, self.memory, self.config, self.rank, self.step, self.attempt)
+        planned, self._newest_generation = local_plan(
+            plan, self.memory, self.config, self.rank, self._token, self.attempt
+        )
+        return planned
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         decided = global_plans(
             plans, self.memory, self.config, self.step or 0, self.attempt, self.save_to_durable
         )
-        self._rank_attempts, self._generation = decided.rank_attempts, decided.generation
         return decided.plans
 
     # -- AsyncStager: dcp.async_save copies the state dict once, into the memory tier --
@@ -222,8 +235,10 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
     ) -> torch.futures.Future[list[WriteResult]]:
         assert self.step is not None
         log = logger_for(self.config)
-        glob = plan.storage_data
-        self._durable = bool(getattr(glob, "durable", self.save_to_durable))
+        # The coordinator's answer to this save's local plan; a replayed plan (DCP's plan
+        # caching) answers an earlier save: each rank then follows its own writer.
+        answer = fresh_answer(plan, self._token)
+        self._durable = answer.durable if answer is not None else self.save_to_durable
         if self._durable != self.save_to_durable:
             log.warning(
                 step_message(
@@ -258,7 +273,11 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         if self._durable:  # before the manifest that says durable: resumes find where to go
             record_destination(self.memory, self.config)
         written = write_rank_part(
-            self.memory, self.config, part, install=getattr(glob, "install", None), started=t0
+            self.memory,
+            self.config,
+            part,
+            install=answer.install if answer is not None else None,
+            started=t0,
         )
         if self._durable:
             self._start_drain(written.manifest)
@@ -272,6 +291,10 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             )
             for item, info in zip(plan.items, written.blobs, strict=True)
         ]
+        report = PartReport(
+            self.rank, self.step, self.attempt, self._durable, self._newest_generation
+        )
+        results.append(report_result(report))
         fut: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
         fut.set_result(results)
         return fut
@@ -290,12 +313,18 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         assert self.step is not None
         t0 = time.perf_counter()
+        items, maybe_reports = split_results(results)
+        reports = check_reports(maybe_reports, self.step, self._durable)
         storage_data: dict[Any, BlobInfo] = {}
         parts: list[tuple[str, list[BlobInfo]]] = []
-        for rank, rank_results in enumerate(results):
+        for report, rank_results in zip(reports, items, strict=True):
             storage_data.update((wr.index, wr.storage_data) for wr in rank_results)
-            attempt = self._rank_attempts.get(rank, self.attempt)
-            parts.append((attempt, [wr.storage_data for wr in rank_results]))
+            parts.append((report.attempt, [wr.storage_data for wr in rank_results]))
+        ns = self.config.namespace
+        if self._durable:  # every rank's actual attempt, for what protects its upload
+            begin_upload(ns, self.step, self.attempt, [r.attempt for r in reports])
+        # "Newest" is the newest save: above the clock, every rank's tier and this process.
+        generation = next_generation(ns, (r.newest_generation for r in reports))
         metadata.storage_data = storage_data
         md_bytes = pickle.dumps(metadata)
         record = commit_memory(
@@ -304,7 +333,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             step=self.step,
             attempt=self.attempt,
             rank=self.rank,
-            generation=self._generation,
+            generation=generation,
             durable=self._durable,
             parts=parts,
             metadata=md_bytes,
