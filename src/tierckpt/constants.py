@@ -8,6 +8,7 @@ __all__ = [
     "COMMIT_POLL_MAX_S",
     "EXIT_WAIT_S",
     "HASH_CHUNK",
+    "HASH_WHILE_STAGING",
     "MAX_LOAD_FALLBACKS",
     "ORPHANS_POOLED",
     "READ_THREADS",
@@ -20,6 +21,10 @@ ALIGN = 64
 # -- copies and checksums --
 HASH_CHUNK = 4 << 20
 """Bytes copied then hashed at a time, so each chunk is hashed while it is in cache."""
+HASH_WHILE_STAGING = True
+"""``async_save`` checksums each chunk as it stages it (in cache) instead of in a second pass
+over the staged bytes in the background: the step is crash-safe sooner and the background
+competes less with training, for a slightly longer blocking copy."""
 
 # -- loads --
 READ_THREADS = 8

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 import xxhash
 
-from .constants import ALIGN, HASH_CHUNK, ORPHANS_POOLED
+from .constants import ALIGN, HASH_CHUNK, HASH_WHILE_STAGING, ORPHANS_POOLED
 from .errors import TierFullError
 from .leases import AttemptLease, is_live, lease_name, node_lock, sweep_leases
 from .tiers.memory import MemoryTier
@@ -177,6 +177,11 @@ class StagingBuffer:
         CUDA tensors are copied asynchronously when the buffer is pinned; the caller
         synchronises the stream before the staged values are read.
         """
+        if tensor.device.type == "cpu" and tensor.is_contiguous() and HASH_WHILE_STAGING:
+            # Hashed chunk by chunk as it is copied (in cache): the write that follows in
+            # the background needs no second pass over the bytes.
+            offset, _ = self.place_hashed(tensor)
+            return self.view(offset, tensor.dtype, tuple(tensor.shape))
         offset = self.alloc(tensor_bytes(tensor))
         staged = self.view(offset, tensor.dtype, tuple(tensor.shape))
         if not staged.numel():
@@ -206,7 +211,9 @@ class StagingBuffer:
             hasher.update(
                 raw[start * tensor.element_size() : (start + step) * tensor.element_size()]
             )
-        return offset, hasher.hexdigest()
+        digest = hasher.hexdigest()
+        self._digests[offset] = (nbytes, digest)
+        return offset, digest
 
     def offset_of(self, tensor: torch.Tensor) -> int | None:
         """The offset of ``tensor`` if it is a contiguous view inside the mapped region."""
