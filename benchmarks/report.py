@@ -22,6 +22,7 @@ TIERCKPT = "tierckpt-memory"
 CEILING = "memcpy"
 DCP_TMPFS = "dcp-fs-tmpfs"
 PREADV = "preadv-tmpfs"
+CACHED = "tierckpt-memory-cached"
 TARGETS = (
     # (key, ratio, comparison, threshold, text)
     (
@@ -247,6 +248,11 @@ def _ratios(systems: dict[str, Any]) -> dict[str, float]:
         "first_saves_worst_vs_dcp_fs_tmpfs": ratio(first(t, max), first(d, statistics.median)),
         "first_saves_worst_vs_dcp_fs_tmpfs_worst": ratio(first(t, max), first(d, max)),
         "async_total_vs_bare_copy": ratio(med(t, "async_total_s"), med(c, "save_s")),
+        "cached_save_vs_memcpy": ratio(med(CACHED, "save_mibs"), med(c, "save_mibs")),
+        "cached_async_total_vs_bare_copy": ratio(med(CACHED, "async_total_s"), med(c, "save_s")),
+        "cached_async_blocked_vs_bare_copy": ratio(
+            med(CACHED, "async_blocked_s"), med(c, "save_s")
+        ),
         "load_vs_preadv": ratio(med(t, "load_mibs"), med(PREADV, "load_mibs")),
         "preadv_load_vs_memcpy": ratio(med(PREADV, "load_mibs"), med(c, "load_mibs")),
         "save_vs_memcpy": ratio(med(t, "save_mibs"), med(c, "save_mibs")),
@@ -340,16 +346,20 @@ def table(result: dict[str, Any]) -> str:
             "async_total_vs_dcp_fs_tmpfs",
             "first_saves_worst_vs_dcp_fs_tmpfs_worst",
             "preadv_load_vs_memcpy",
+            "cached_save_vs_memcpy",
+            "cached_async_total_vs_bare_copy",
+            "cached_async_blocked_vs_bare_copy",
         ):
             extra = result["ratios"].get(key)
             if extra is not None:
                 out.append(f"         {key} = {extra:.2f}x")
-        noop = result["systems"].get("dcp-noop", {}).get("median", {})
-        if noop.get("save_s") is not None:
-            out.append(
-                f"         dcp-noop (DCP's own share): save {noop['save_s']:.3f} s, "
-                f"load {noop.get('load_s', 0):.3f} s"
-            )
+        for noop_name in ("dcp-noop", "dcp-noop-cached"):
+            noop = result["systems"].get(noop_name, {}).get("median", {})
+            if noop.get("save_s") is not None:
+                out.append(
+                    f"         {noop_name} (DCP's own share): save {noop['save_s']:.3f} s, "
+                    f"load {noop.get('load_s', 0):.3f} s"
+                )
     for name, s in result["systems"].items():
         tiers = s["reps"][-1].get("load_mib_by_tier") if s["reps"] else None
         if tiers:

@@ -265,13 +265,23 @@ class _DCPSystem(System):
     def reader(self, step: int) -> Any:
         raise NotImplementedError
 
+    plan_caching: ClassVar[bool] = False
+    """Save with ``DefaultSavePlanner(enable_plan_caching=True)``."""
+
     def persisted(self, writer: Any) -> Callable[[], object] | None:
         """What else to wait for after DCP's future until the step is persisted."""
         return None
 
+    def planner(self) -> Any:
+        if not self.plan_caching:
+            return None
+        from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+        return DefaultSavePlanner(enable_plan_caching=True)
+
     def save(self, state: State, step: int) -> None:
         w = self.writer(step)
-        dcp.save(state.dcp, storage_writer=w)
+        dcp.save(state.dcp, storage_writer=w, planner=self.planner())
         wait = self.persisted(w)
         if wait is not None:
             wait()
@@ -284,7 +294,7 @@ class _DCPSystem(System):
 
     def async_save(self, state: State, step: int) -> Pending:
         w = self.writer(step)
-        response = dcp.async_save(state.dcp, storage_writer=w)
+        response = dcp.async_save(state.dcp, storage_writer=w, planner=self.planner())
         wait = self.persisted(w)
         return pending_from_dcp(response, *([wait] if wait else []))
 
@@ -410,6 +420,20 @@ class TierckptMemory(_DCPSystem):
     def reader(self, step: int) -> Any:
         # The step just saved is the newest: the reader agrees on it, as after a restart.
         return tierckpt.TieredStorageReader(self.config())
+
+
+@register
+class DCPNoopCached(DCPNoop):
+    name = "dcp-noop-cached"
+    about = "dcp-noop with DefaultSavePlanner(enable_plan_caching=True)"
+    plan_caching = True
+
+
+@register
+class TierckptCached(TierckptMemory):
+    name = "tierckpt-memory-cached"
+    about = "tierckpt-memory with DefaultSavePlanner(enable_plan_caching=True)"
+    plan_caching = True
 
 
 @register
