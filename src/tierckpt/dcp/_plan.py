@@ -93,6 +93,9 @@ class GlobalPlan:
     """What the coordinator decided for a save."""
 
     plans: list[SavePlan]
+    attempt_hints: dict[int, str]
+    """Each rank's attempt as its plan reports it: exact without plan caching, possibly an
+    earlier save's with it (never used to build a commit)."""
 
 
 def local_plan(
@@ -172,8 +175,8 @@ def global_plans(
     if save_to_durable:  # other nodes' uploads start before the memory commit
         # Attempts from replayed plans are stale: they only protect more. The save's step
         # is protected as a whole until its durable commit, whatever its ranks' attempts.
-        hints = {attempt} | {i.attempt_hint for i in infos if i is not None and i.attempt_hint}
-        begin_upload(ns, step, attempt, hints)
+        reported = {i.attempt_hint for i in infos if i is not None and i.attempt_hint}
+        begin_upload(ns, step, attempt, reported | {attempt})
     # The memory commit is written on this (the coordinator's) node; ranks on other nodes
     # get the previous step's commit with this plan and install it in their own tier.
     last = last_commit(memory, ns)
@@ -186,7 +189,8 @@ def global_plans(
             durable=save_to_durable, token=info.token if info else None, install=install
         )
         out.append(dataclasses.replace(plan, storage_data=glob))
-    return GlobalPlan(out)
+    hints = {r: i.attempt_hint for r, i in enumerate(infos) if i is not None and i.attempt_hint}
+    return GlobalPlan(out, hints)
 
 
 def check_reports(

@@ -87,6 +87,8 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         self._watching = False
         self._token = new_token()
         self._newest_generation = 0
+        self._rank_attempts: dict[int, str] = {}
+        """Coordinator: each rank's attempt as its plan reports it (a hint; see ``_plan``)."""
         self._upload: Future[int] | None = None
         self._staging: StagingBuffer | None = None
         self._private: PrivateBuffer | None = None
@@ -196,6 +198,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         decided = global_plans(
             plans, self.memory, self.config, self.step or 0, self.attempt, self.save_to_durable
         )
+        self._rank_attempts = decided.attempt_hints
         return decided.plans
 
     # -- AsyncStager: dcp.async_save copies the state dict once, into the memory tier --
