@@ -12,6 +12,7 @@ __all__ = [
     "MAX_LOAD_FALLBACKS",
     "ORPHANS_POOLED",
     "READ_THREADS",
+    "SPARE_CHUNK",
 ]
 
 # -- layout of data files --
@@ -35,6 +36,8 @@ MAX_LOAD_FALLBACKS = 3
 """How many unloadable saves ``tierckpt.load`` skips before it gives up."""
 
 # -- staging pool --
+SPARE_CHUNK = 64 << 20
+"""Bytes of a spare buffer allocated at a time in the background (then as long idle)."""
 ORPHANS_POOLED = 4
 """Staging files of dead writers kept (per namespace) as pooled buffers; the rest are deleted."""
 

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 import xxhash
 
-from .constants import ALIGN, HASH_CHUNK, HASH_WHILE_STAGING, ORPHANS_POOLED
+from .constants import ALIGN, HASH_CHUNK, HASH_WHILE_STAGING, ORPHANS_POOLED, SPARE_CHUNK
 from .errors import TierFullError
 from .leases import AttemptLease, is_live, lease_name, node_lock, sweep_leases
 from .tiers.memory import MemoryTier
@@ -596,7 +596,8 @@ class StagingPool:
                     with budget_lock(self.memory.root, budget is not None):
                         if budget is not None and self.memory.usage_bytes() + nbytes > budget:
                             raise TierFullError("no room in the budget for a spare")
-                        os.posix_fallocate(fd, 0, nbytes)  # the pages; ENOSPC, never SIGBUS
+                        os.ftruncate(fd, nbytes)  # counted in the usage from now on
+                    _fallocate_gently(fd, nbytes)  # the pages; ENOSPC, never SIGBUS
                     # Only allocated: tmpfs zeroes a page on its first fault but not when
                     # write() fills it, and the save that claims the spare writes it with
                     # write(), so zeroing or mapping it here would be wasted work.
@@ -642,6 +643,20 @@ def _rank_tag(path: str) -> str:
     """``r<rank>-`` for a data file of that rank, else empty."""
     m = _RANK_OF_DATA.search(os.path.basename(path))
     return f"r{m.group(1)}-" if m else ""
+
+
+def _fallocate_gently(fd: int, nbytes: int) -> None:
+    """Allocate ``nbytes`` of tmpfs pages in chunks, idle as long as each chunk took.
+
+    A spare is allocated while training (and often the next save) runs: at most half of one
+    core goes to it, and the page allocator is left to the foreground half the time.
+    """
+    import time
+
+    for start in range(0, nbytes, SPARE_CHUNK):
+        t0 = time.perf_counter()
+        os.posix_fallocate(fd, start, min(SPARE_CHUNK, nbytes - start))
+        time.sleep(time.perf_counter() - t0)
 
 
 def release_deleted_mappings() -> None:
