@@ -21,9 +21,26 @@ MIB = 2**20
 TIERCKPT = "tierckpt-memory"
 CEILING = "memcpy"
 DCP_TMPFS = "dcp-fs-tmpfs"
+PREADV = "preadv-tmpfs"
+CACHED = "tierckpt-memory-cached"
 TARGETS = (
     # (key, ratio, comparison, threshold, text)
+    (
+        "first_saves",
+        "first_saves_worst_vs_dcp_fs_tmpfs",
+        "<=",
+        1.0,
+        "worst of a fresh job's first saves <= DCP FileSystemWriter (tmpfs, median first save)",
+    ),
     ("save_ceiling", "save_vs_memcpy", ">=", 0.8, "memory-tier save >= 0.8x memcpy"),
+    (
+        "crash_safe",
+        "async_total_vs_bare_copy",
+        "<=",
+        1.5,
+        "crash-safe (async_save call -> committed in memory) <= 1.5x one bare copy",
+    ),
+    ("load_preadv", "load_vs_preadv", ">=", 0.8, "memory-tier load >= 0.8x plain preadv"),
     ("load_ceiling", "load_vs_memcpy", ">=", 0.8, "memory-tier load >= 0.8x memcpy"),
     (
         "async_blocking",
@@ -174,9 +191,16 @@ def build(meta: dict[str, Any], records: dict[str, list[dict[str, Any]]]) -> dic
         reps = [_aggregate([r["reps"][i] for r in ranks], total) for i in range(n)]
         nw = min(len(r.get("warmup", [])) for r in ranks)
         warm = [_aggregate([r["warmup"][i] for r in ranks], total) for i in range(nw)]
+        first = _first_saves(ranks)
+        median = _median(reps)
+        if ranks and ranks[0].get("first_tmpfs_mib") is not None and total:
+            median["first_tmpfs_mib"] = ranks[0]["first_tmpfs_mib"]
+        if median.get("tmpfs_mib") is not None and total:
+            median["tmpfs_per_state"] = median["tmpfs_mib"] * MIB / total
         result["systems"][name] = {
             "about": meta["config"]["about"].get(name),
-            "median": _median(reps),
+            "median": median,
+            "first_saves_s": first,
             "reps": reps,
             "warmup": warm,
             "ru_maxrss_mib": [r.get("ru_maxrss_mib") for r in ranks],
@@ -199,6 +223,12 @@ def build(meta: dict[str, Any], records: dict[str, list[dict[str, Any]]]) -> dic
     return result
 
 
+def _first_saves(ranks: list[dict[str, Any]]) -> list[float]:
+    """Seconds of each of a fresh job's first saves (slowest rank), in order."""
+    n = min((len(r.get("first", [])) for r in ranks), default=0)
+    return [max(r["first"][i]["s"] for r in ranks) for i in range(n)]
+
+
 def _ratios(systems: dict[str, Any]) -> dict[str, float]:
     def med(name: str, key: str) -> float | None:
         s = systems.get(name)
@@ -208,8 +238,23 @@ def _ratios(systems: dict[str, Any]) -> dict[str, float]:
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
 
+    def first(name: str, pick: Any) -> float | None:
+        s = systems.get(name)
+        v = s.get("first_saves_s") if s and not s["error"] else None
+        return float(pick(v)) if v else None
+
     t, c, d = TIERCKPT, CEILING, DCP_TMPFS
     out = {
+        "first_saves_worst_vs_dcp_fs_tmpfs": ratio(first(t, max), first(d, statistics.median)),
+        "first_saves_worst_vs_dcp_fs_tmpfs_worst": ratio(first(t, max), first(d, max)),
+        "async_total_vs_bare_copy": ratio(med(t, "async_total_s"), med(c, "save_s")),
+        "cached_save_vs_memcpy": ratio(med(CACHED, "save_mibs"), med(c, "save_mibs")),
+        "cached_async_total_vs_bare_copy": ratio(med(CACHED, "async_total_s"), med(c, "save_s")),
+        "cached_async_blocked_vs_bare_copy": ratio(
+            med(CACHED, "async_blocked_s"), med(c, "save_s")
+        ),
+        "load_vs_preadv": ratio(med(t, "load_mibs"), med(PREADV, "load_mibs")),
+        "preadv_load_vs_memcpy": ratio(med(PREADV, "load_mibs"), med(c, "load_mibs")),
         "save_vs_memcpy": ratio(med(t, "save_mibs"), med(c, "save_mibs")),
         "load_vs_memcpy": ratio(med(t, "load_mibs"), med(c, "load_mibs")),
         "async_blocked_vs_bare_copy": ratio(med(t, "async_blocked_s"), med(c, "save_s")),
@@ -248,6 +293,7 @@ def table(result: dict[str, Any]) -> str:
         ("async total s", "async_total_s"),
         ("peak RSS/rank MiB", "rss_peak_mib"),
         ("tmpfs MiB", "tmpfs_mib"),
+        ("tmpfs/state", "tmpfs_per_state"),
     )
     rows = [[c for c, _ in cols]]
     overhead = set(result["config"].get("overhead_only", []))
@@ -262,6 +308,9 @@ def table(result: dict[str, Any]) -> str:
             elif key == "first_save_s":
                 v = s["warmup"][0]["save_s"] if s["warmup"] else None
                 row.append(f"{v:.3g}" if v is not None else "-")
+            elif key == "tmpfs_per_state":
+                v = s["median"].get(key)
+                row.append(f"{v:.2f}" if v is not None else "-")
             elif key in ("rss_peak_mib", "tmpfs_mib"):
                 v = s["median"].get(key)
                 row.append(f"{v:,.0f}" if v is not None else "-")
@@ -285,6 +334,7 @@ def table(result: dict[str, Any]) -> str:
             "(±: half the min-max range; 1st save: the very first save of the run)"
         )
     out += lines
+    out += _first_table(result)
     if result["targets"]:
         out.append("")
         out.append("targets (tierckpt-memory):")
@@ -292,9 +342,24 @@ def table(result: dict[str, Any]) -> str:
             mark = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
             v = f"{t['value']:.2f}x" if t["value"] is not None else "-"
             out.append(f"  {mark:6} {t['text']}: {t['ratio']} = {v}")
-        extra = result["ratios"].get("async_total_vs_dcp_fs_tmpfs")
-        if extra is not None:
-            out.append(f"         async total vs dcp-fs-tmpfs = {extra:.2f}x")
+        for key in (
+            "async_total_vs_dcp_fs_tmpfs",
+            "first_saves_worst_vs_dcp_fs_tmpfs_worst",
+            "preadv_load_vs_memcpy",
+            "cached_save_vs_memcpy",
+            "cached_async_total_vs_bare_copy",
+            "cached_async_blocked_vs_bare_copy",
+        ):
+            extra = result["ratios"].get(key)
+            if extra is not None:
+                out.append(f"         {key} = {extra:.2f}x")
+        for noop_name in ("dcp-noop", "dcp-noop-cached"):
+            noop = result["systems"].get(noop_name, {}).get("median", {})
+            if noop.get("save_s") is not None:
+                out.append(
+                    f"         {noop_name} (DCP's own share): save {noop['save_s']:.3f} s, "
+                    f"load {noop.get('load_s', 0):.3f} s"
+                )
     for name, s in result["systems"].items():
         tiers = s["reps"][-1].get("load_mib_by_tier") if s["reps"] else None
         if tiers:
@@ -306,6 +371,27 @@ def table(result: dict[str, Any]) -> str:
         if s["verify_failed"]:
             out.append(f"\n{name}: {s['verify_failed']}")
     return "\n".join(out)
+
+
+def _first_table(result: dict[str, Any]) -> list[str]:
+    """A fresh job's first saves, one column each, and the worst."""
+    rows = [(n, s["first_saves_s"]) for n, s in result["systems"].items() if s.get("first_saves_s")]
+    if not rows:
+        return []
+    n = max(len(v) for _, v in rows)
+    head = ["system", *[f"#{i + 1}" for i in range(n)], "worst", "median"]
+    body = [
+        [name, *[f"{x:.3g}" for x in v], f"{max(v):.3g}", f"{statistics.median(v):.3g}"]
+        for name, v in rows
+    ]
+    widths = [max(len(r[i]) if i < len(r) else 0 for r in [head, *body]) for i in range(len(head))]
+    lines = ["", "a fresh job's first saves, s (slowest rank; back to back, sync dcp.save):"]
+    for j, r in enumerate([head, *body]):
+        cells = [r[0].ljust(widths[0])] + [c.rjust(widths[i + 1]) for i, c in enumerate(r[1:])]
+        lines.append("| " + " | ".join(cells) + " |")
+        if j == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return lines
 
 
 def write_json(result: dict[str, Any], path: str) -> None:

@@ -30,8 +30,11 @@ __all__ = ["DEFAULT_SYSTEMS", "main"]
 DEFAULT_SYSTEMS = (
     "memcpy",
     "memcpy-tmpfs",
+    "preadv-tmpfs",
     "dcp-noop",
+    "dcp-noop-cached",
     "tierckpt-memory",
+    "tierckpt-memory-cached",
     "tierckpt-memory+durable",
     "dcp-fs-tmpfs",
     "dcp-fs-disk",
@@ -49,7 +52,8 @@ class Options:
     system: str
     reps: int
     warmup: int
-    keep_last: int
+    first_saves: int
+    keep_last: int | None
     shm_dir: str
     disk_dir: str
     rss_interval_s: float
@@ -119,10 +123,25 @@ def _bench_system(name: str, state: Any, opts: Options, ctx: Any, sampler: Any) 
     from .systems import SYSTEMS
 
     system = SYSTEMS[name](ctx)
-    rec: dict[str, Any] = {"warmup": [], "reps": [], "error": None, "verify": None}
+    rec: dict[str, Any] = {
+        "first": [],
+        "warmup": [],
+        "reps": [],
+        "error": None,
+        "verify": None,
+    }
     try:
         system.prepare(state)
         step = 0
+        # A fresh job's first saves, back to back, one by one (cold tmpfs pages, empty pools).
+        for _ in range(opts.first_saves):
+            step += 1
+            rec["first"].append(timed(partial(system.save, state, step), sampler))
+            system.end_rep([step])
+        if opts.first_saves:
+            dist.barrier()
+            if ctx.rank == 0:
+                rec["first_tmpfs_mib"] = tree_bytes(opts.shm_dir) / 2**20
         for i in range(opts.warmup + opts.reps):
             it: dict[str, Any] = {}
             step += 1
@@ -193,7 +212,7 @@ def _merge(old: list[dict[str, Any]] | None, new: list[dict[str, Any]]) -> list[
     out = []
     for a, b in zip(old, new, strict=True):
         merged = {**a}
-        for key in ("reps", "warmup"):
+        for key in ("first", "reps", "warmup"):
             merged[key] = a.get(key, []) + b.get(key, [])
         merged["error"] = a.get("error") or b.get("error")
         merged["verify"] = a.get("verify") or b.get("verify")
@@ -242,7 +261,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated; memcpy is always added (default: all)",
     )
     p.add_argument("--sharding", choices=("fsdp2", "dtensor"), default="fsdp2")
-    p.add_argument("--keep-last", type=int, default=2, help="tierckpt memory_keep_last (default 2)")
+    p.add_argument(
+        "--first-saves",
+        type=int,
+        default=10,
+        help="saves of a fresh job timed one by one before the warm-up (default 10)",
+    )
+    p.add_argument(
+        "--keep-last",
+        type=int,
+        default=None,
+        help="tierckpt memory_keep_last (default: CheckpointConfig's default)",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -308,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             "reps": args.reps,
             "rounds": args.rounds,
             "warmup": args.warmup,
+            "first_saves": args.first_saves,
             "keep_last": args.keep_last,
             "systems": names,
             "about": {n: SYSTEMS[n].about for n in names},
@@ -335,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                     system=name,
                     reps=args.reps,
                     warmup=args.warmup,
+                    first_saves=args.first_saves,
                     keep_last=args.keep_last,
                     shm_dir=dirs.shm,
                     disk_dir=dirs.disk,

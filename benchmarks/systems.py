@@ -45,8 +45,8 @@ class RankContext:
     """This run's tmpfs directory (``/dev/shm/tierckpt-bench-<id>``)."""
     disk_dir: str
     """This run's directory on disk."""
-    keep_last: int
-    """``memory_keep_last`` of the tierckpt systems."""
+    keep_last: int | None
+    """``memory_keep_last`` of the tierckpt systems (None: the config's default)."""
 
 
 @dataclass
@@ -211,6 +211,48 @@ class MemcpyTmpfs(System):
                 os.remove(self._path(s))
 
 
+@register
+class PreadvTmpfs(System):
+    name = "preadv-tmpfs"
+    about = (
+        "pwrite of each local tensor into one tmpfs file per rank (reused); load = preadv of "
+        "each tensor's bytes straight into it: the floor of any load from tmpfs"
+    )
+    supports_async = False
+
+    def prepare(self, state: State) -> None:
+        os.makedirs(self.shm, exist_ok=True)
+        self.path = os.path.join(self.shm, f"rank{self.ctx.rank}.bin")
+        self.layout: list[tuple[str, int, int]] = []
+        off = 0
+        for k, t in state.local.items():
+            n = t.numel() * t.element_size()
+            self.layout.append((k, off, n))
+            off = (off + n + 63) // 64 * 64
+
+    def _raw(self, t: torch.Tensor) -> memoryview:
+        return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+    def _io(self, state: State, write: bool) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            for k, off, n in self.layout:
+                view, done = self._raw(state.local[k]), 0
+                while done < n:
+                    if write:
+                        done += os.pwrite(fd, view[done:], off + done)
+                    else:
+                        done += os.preadv(fd, [view[done:]], off + done)
+        finally:
+            os.close(fd)
+
+    def save(self, state: State, step: int) -> None:
+        self._io(state, write=True)
+
+    def load(self, state: State, step: int) -> None:
+        self._io(state, write=False)
+
+
 # -- through DCP ---------------------------------------------------------------
 
 
@@ -223,13 +265,23 @@ class _DCPSystem(System):
     def reader(self, step: int) -> Any:
         raise NotImplementedError
 
+    plan_caching: ClassVar[bool] = False
+    """Save with ``DefaultSavePlanner(enable_plan_caching=True)``."""
+
     def persisted(self, writer: Any) -> Callable[[], object] | None:
         """What else to wait for after DCP's future until the step is persisted."""
         return None
 
+    def planner(self) -> Any:
+        if not self.plan_caching:
+            return None
+        from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+        return DefaultSavePlanner(enable_plan_caching=True)
+
     def save(self, state: State, step: int) -> None:
         w = self.writer(step)
-        dcp.save(state.dcp, storage_writer=w)
+        dcp.save(state.dcp, storage_writer=w, planner=self.planner())
         wait = self.persisted(w)
         if wait is not None:
             wait()
@@ -242,7 +294,7 @@ class _DCPSystem(System):
 
     def async_save(self, state: State, step: int) -> Pending:
         w = self.writer(step)
-        response = dcp.async_save(state.dcp, storage_writer=w)
+        response = dcp.async_save(state.dcp, storage_writer=w, planner=self.planner())
         wait = self.persisted(w)
         return pending_from_dcp(response, *([wait] if wait else []))
 
@@ -353,19 +405,35 @@ class TierckptMemory(_DCPSystem):
     durable = False
 
     def config(self, memory_root: str | None = None) -> tierckpt.CheckpointConfig:
+        keep = {} if self.ctx.keep_last is None else {"memory_keep_last": self.ctx.keep_last}
         return tierckpt.CheckpointConfig(
             namespace="bench",
             world_size=self.ctx.world_size,
             memory_root=memory_root or os.path.join(self.shm, "memory"),
             durable_base_path="file://" + os.path.join(self.disk, "durable"),
-            memory_keep_last=self.ctx.keep_last,
+            **keep,  # type: ignore[arg-type]
         )
 
     def writer(self, step: int) -> Any:
         return tierckpt.TieredStorageWriter(self.config(), step=step, save_to_durable=self.durable)
 
     def reader(self, step: int) -> Any:
-        return tierckpt.TieredStorageReader(self.config(), step=step)
+        # The step just saved is the newest: the reader agrees on it, as after a restart.
+        return tierckpt.TieredStorageReader(self.config())
+
+
+@register
+class DCPNoopCached(DCPNoop):
+    name = "dcp-noop-cached"
+    about = "dcp-noop with DefaultSavePlanner(enable_plan_caching=True)"
+    plan_caching = True
+
+
+@register
+class TierckptCached(TierckptMemory):
+    name = "tierckpt-memory-cached"
+    about = "tierckpt-memory with DefaultSavePlanner(enable_plan_caching=True)"
+    plan_caching = True
 
 
 @register

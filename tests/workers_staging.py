@@ -217,17 +217,47 @@ def w_read_while_the_trainer_recycles(rank: int, world_size: int, cfg: Checkpoin
 
 
 class _CopyCounter(TorchDispatchMode):
-    """Bytes written by ``aten.copy_`` while active."""
+    """Bytes written by ``aten.copy_`` while active, and by ``os.pwrite`` from tierckpt's
+    staging module (it fills new tmpfs pages with write() instead of a mapped copy)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.bytes = 0
+
+    def __enter__(self) -> Any:
+        import tierckpt.staging as staging_module
+
+        real = os.pwrite
+
+        def counted(fd: int, data: Any, offset: int) -> int:
+            n = real(fd, data, offset)
+            self.bytes += n
+            return n
+
+        self._patch = (staging_module, real)
+        staging_module.os = _OsWith(pwrite=counted)  # type: ignore[attr-defined]
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        module, _real = self._patch
+        module.os = os  # type: ignore[attr-defined]
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is torch.ops.aten.copy_.default:
             dst = args[0]
             self.bytes += dst.numel() * dst.element_size()
         return func(*args, **(kwargs or {}))
+
+
+class _OsWith:
+    """``os`` with some functions replaced."""
+
+    def __init__(self, **replaced: Any) -> None:
+        self._replaced = replaced
+
+    def __getattr__(self, name: str) -> Any:
+        return self._replaced.get(name) or getattr(os, name)
 
 
 class CopyCountingWriter(TieredStorageWriter):

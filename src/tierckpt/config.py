@@ -178,7 +178,7 @@ class CheckpointConfig:
     s3_timeout_s: float = 60.0
     """Timeout of one S3 request."""
     memory_prefault: bool = True
-    """Pre-fault a spare staging buffer in the background so the next save copies at memcpy speed."""
+    """Allocate a spare staging buffer in the background while the pool fills (the first saves)."""
     durable_keep_last: int | None = None
     """Durable steps kept (the newest); None keeps all."""
     durable_keep_every: int | None = None

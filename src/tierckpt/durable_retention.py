@@ -23,7 +23,7 @@ from .cleanup import (
     warn_unreadable,
 )
 from .config import CheckpointConfig
-from .history import newest_key, uploading
+from .history import newest_key, uploading, uploading_steps
 from .manifest import CommitRecord
 from .retention import abandoned_steps
 from .tiers.base import Tier
@@ -86,9 +86,12 @@ def sweep_durable(config: CheckpointConfig, durable: Tier, log: logging.Logger) 
     committed = {s: r for s, (r, _) in commits.items() if r is not None}
     keep = durable_steps_to_keep(committed, config.durable_keep_last, config.durable_keep_every)
     in_use = _in_use(config, committed, log)
+    busy = uploading_steps(ns, {s: r.attempt for s, r in committed.items()})
     highest = max(committed, default=None)
     for step in steps:
         record, problem = commits[step]
+        if step in busy:
+            continue  # a save of this step is uploading; its ranks' attempts may be unknown
         try:
             if problem is not None:
                 warn_unreadable(catalog, step, problem, log)

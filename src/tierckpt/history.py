@@ -83,7 +83,19 @@ def marked_unloadable(namespace: str, step: int, attempt: str) -> bool:
 def begin_upload(namespace: str, step: int, attempt: str, attempts: Iterable[str]) -> None:
     """A durable save coordinated here: its ranks' uploads may be under way on any node."""
     with RUNTIME.history.lock:
-        RUNTIME.history.uploading.setdefault(namespace, {})[(step, attempt)] = frozenset(attempts)
+        saves = RUNTIME.history.uploading.setdefault(namespace, {})
+        saves[(step, attempt)] = saves.get((step, attempt), frozenset()) | frozenset(attempts)
+
+
+def uploading_steps(namespace: str, durable_commits: dict[int, str]) -> set[int]:
+    """Steps of durable saves coordinated here and not yet durably committed.
+
+    With DCP's plan caching the coordinator learns its ranks' attempts only at the memory
+    commit, after their uploads began: durable retention leaves these steps alone.
+    """
+    with RUNTIME.history.lock:
+        saves = RUNTIME.history.uploading.get(namespace, {})
+        return {step for step, attempt in saves if durable_commits.get(step) != attempt}
 
 
 def uploading(namespace: str, durable_commits: dict[int, str]) -> set[str]:

@@ -124,7 +124,9 @@ class CommitRecord:
     nodes: list[str] = field(default_factory=list)
     """Node id of each rank when the step was saved (empty: unknown, one node)."""
     peer_replicas: int = 0
-    """Replicas of each node's part the save asked for in other nodes' memory tiers."""
+    """Replicas of each node's part the save makes in other nodes' memory tiers."""
+    addresses: list[list[Any] | None] = field(default_factory=list)
+    """Each rank's peer service (host, port) at save time: where its replicas are sent."""
 
     def files(self) -> dict[str, int]:
         """Every file the step needs (data files and manifests; sizes of data files, -1 else)."""

@@ -27,6 +27,7 @@ from .catalog import StepCatalog
 from .config import CheckpointConfig
 from .leases import lease_name
 from .manifest import BlobInfo, CommitRecord, RankEntry, RankManifest, checksum, rank_manifest
+from .peer.placement import Peers
 from .retention import make_room, sweep
 from .staging import PrivateBuffer, StagingBuffer, StagingPool, align, is_full, tensor_bytes
 from .tiers.directory import remove_quietly
@@ -161,8 +162,8 @@ def _place(data: PartItem, buffer: StagingBuffer, fname: str, tail: int) -> tupl
     if offset is None and nbytes and buffer.used + nbytes <= buffer.capacity:
         offset, digest = buffer.place_hashed(tensor.contiguous())
         return BlobInfo(fname, offset, nbytes, digest, dtype, shape), tail
-    if offset is not None:
-        digest = checksum(buffer.memory(offset, nbytes))
+    if offset is not None:  # staged: hashed as it was written, or now
+        digest = buffer.digest_at(offset, nbytes) or checksum(buffer.memory(offset, nbytes))
         return BlobInfo(fname, offset, nbytes, digest, dtype, shape), tail
     start = align(tail)
     raw = _raw(tensor)
@@ -309,16 +310,15 @@ def commit_memory(
     parts: Sequence[tuple[str, Sequence[BlobInfo]]],
     metadata: bytes,
     started: float | None = None,
-    nodes: Sequence[str] = (),
-    peer_replicas: int = 0,
+    peers: Peers | None = None,
     publish: Callable[[bytes, bytes], None] | None = None,
 ) -> CommitRecord:
     """Commit ``step`` in this node's memory tier (metadata, then COMMIT) and sweep.
 
     ``parts[r]`` is (attempt, blobs) of rank ``r``'s part (blobs carry the file size);
     ``metadata`` is the serialized checkpoint metadata; ``rank`` is the coordinator's;
-    ``nodes[r]`` is rank ``r``'s node. ``publish(record JSON, metadata)`` installs the
-    commit on the other nodes first.
+    ``peers`` says each rank's node, peer service and the replicas made (recorded in the
+    commit). ``publish(record JSON, metadata)`` installs the commit on the other nodes first.
     """
     t0 = time.perf_counter() if started is None else started
     log = logger_for(config)
@@ -335,8 +335,9 @@ def commit_memory(
         durable=durable,
         metadata_checksum=checksum(metadata),
         generation=generation,
-        nodes=list(nodes),
-        peer_replicas=peer_replicas,
+        nodes=list(peers.nodes) if peers else [],
+        peer_replicas=peers.replicas if peers else 0,
+        addresses=[list(a) if a else None for a in peers.addresses] if peers else [],
     )
     if publish is not None:
         publish(record.to_json(), metadata)

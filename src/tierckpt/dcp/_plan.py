@@ -1,38 +1,90 @@
-"""The storage data a ``TieredStorageWriter`` puts in DCP's save plans.
+"""The data a ``TieredStorageWriter`` puts in DCP's save plans and write results.
 
-Each rank's local plan reports its attempt and the newest commit in its memory tier; the
-coordinator's global plan answers whether the step drains to durable and hands nodes that
-lack it the previous step's commit.
+DCP's plan caching (``DefaultSavePlanner(enable_plan_caching=True)``) replays an earlier
+save's plans, storage data included, so nothing a save needs may come from a plan alone:
+
+- each rank's local plan carries a per-save ``token`` (a nonce, not an attempt id) with what
+  the coordinator may use as a hint (the newest commit in the rank's memory tier);
+- the coordinator's global plan echoes each rank's token with its answer (durable or not,
+  a commit to install); a rank follows that answer only when the echo is its own token,
+  so a replayed (cached) global plan is recognised and ignored;
+- the facts the commit is built from (each rank's step, attempt, generation, durable flag)
+  travel in a :class:`PartReport`, one extra write result per rank, which DCP gathers
+  anew for every save.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan
+from torch.distributed.checkpoint.storage import WriteResult
 
 from .._log import logger_for
 from ..catalog import StepCatalog
 from ..config import CheckpointConfig
 from ..errors import ConfigError, InvalidStepError
-from ..history import begin_upload, newest_key, next_generation
-from ..peer.placement import rank_targets
-from ..peer.replicate import Target
+from ..history import begin_upload, newest_key
 from ..saving import last_commit
 from ..tiers.memory import MemoryTier
 
-__all__ = ["GlobalPlan", "global_plans", "local_plan"]
+__all__ = [
+    "REPORT_INDEX",
+    "GlobalPlan",
+    "PartReport",
+    "check_reports",
+    "fresh_answer",
+    "global_plans",
+    "local_plan",
+    "new_token",
+    "report_result",
+    "split_results",
+]
+
+REPORT_INDEX = MetadataIndex(fqn="\0tierckpt-part-report")
+"""Index of the extra write result each rank returns (never a real item's index)."""
+
+
+def new_token() -> str:
+    """A per-save nonce that recognises a replayed plan (never an attempt id)."""
+    return secrets.token_hex(8)
 
 
 @dataclass(frozen=True)
 class _LocalPlanData:
     rank: int
+    token: str
+    """This save's nonce on this rank; the coordinator echoes it back."""
+    newest_committed: tuple[int, str] | None
+    """(step, attempt) of the newest commit (by generation) in this rank's memory tier:
+    only a hint for which ranks need the previous commit installed."""
+    attempt_hint: str = ""
+    """This rank's attempt when the plan is fresh; a replayed plan's is stale. Used only to
+    protect (never to name) files of an upload in flight."""
+
+
+@dataclass(frozen=True)
+class _GlobalPlanData:
+    durable: bool
+    token: str | None = None
+    """The token of the local plan this answers; another token means a replayed plan."""
+    install: tuple[bytes, bytes] | None = None
+    """(commit record, DCP metadata) of the previous step, for a node that lacks them."""
+
+
+@dataclass(frozen=True)
+class PartReport:
+    """What a rank's part of this save is: sent as an extra write result, never cached."""
+
+    rank: int
     step: int
     attempt: str
-    newest_committed: tuple[int, str] | None
-    """(step, attempt) of the newest commit (by generation) in this rank's memory tier."""
-    newest_generation: int = 0
+    durable: bool
+    newest_generation: int
     """The highest generation among the commits in this rank's memory tier."""
     node_id: str = ""
     """This rank's node (ranks of one node share its memory tier)."""
@@ -41,27 +93,13 @@ class _LocalPlanData:
 
 
 @dataclass(frozen=True)
-class _GlobalPlanData:
-    durable: bool
-    install: tuple[bytes, bytes] | None = None
-    """(commit record, DCP metadata) of the previous step, for a node that lacks them."""
-    peer_targets: tuple[Target, ...] = ()
-    """The ranks on other nodes that receive this rank's part (empty: no replication)."""
-
-
-@dataclass(frozen=True)
 class GlobalPlan:
-    """What the coordinator decided for a save: the plans and what it commits with."""
+    """What the coordinator decided for a save."""
 
     plans: list[SavePlan]
-    rank_attempts: dict[int, str]
-    generation: int
-    nodes: list[str] = dataclasses.field(default_factory=list)
-    """Node id of each rank."""
-    addresses: list[tuple[str, int] | None] = dataclasses.field(default_factory=list)
-    """Peer service of each rank (None where it runs none)."""
-    replicas: int = 0
-    """Peer replicas of each node's part this save makes."""
+    attempt_hints: dict[int, str]
+    """Each rank's attempt as its plan reports it: exact without plan caching, possibly an
+    earlier save's with it (never used to build a commit)."""
 
 
 def local_plan(
@@ -69,24 +107,53 @@ def local_plan(
     memory: MemoryTier,
     config: CheckpointConfig,
     rank: int,
-    step: int,
+    token: str,
     attempt: str,
-    peer_address: tuple[str, int] | None = None,
-) -> SavePlan:
-    """``plan`` with this rank's storage data."""
+) -> tuple[SavePlan, int]:
+    """``plan`` with this rank's storage data; and the highest generation among the
+    commits in this rank's memory tier (for its :class:`PartReport`)."""
     catalog = StepCatalog(memory, config.namespace, logger_for(config))
     records = list(catalog.committed().values())
     top = max(records, key=lambda r: newest_key(r.step, r.generation), default=None)
     data = _LocalPlanData(
         rank=rank,
-        step=step,
-        attempt=attempt,
+        token=token,
         newest_committed=(top.step, top.attempt) if top is not None else None,
-        newest_generation=top.generation if top is not None else 0,
-        node_id=config.node_id or "",
-        peer_address=peer_address,
+        attempt_hint=attempt,
     )
-    return dataclasses.replace(plan, storage_data=data)
+    return dataclasses.replace(plan, storage_data=data), top.generation if top else 0
+
+
+def report_result(report: PartReport) -> WriteResult:
+    """``report`` as the extra write result of a rank's part."""
+    return WriteResult(index=REPORT_INDEX, size_in_bytes=0, storage_data=report)
+
+
+def split_results(
+    results: list[list[WriteResult]],
+) -> tuple[list[list[WriteResult]], list[PartReport | None]]:
+    """Each rank's item results, and its :class:`PartReport` (None if it sent none)."""
+    items: list[list[WriteResult]] = []
+    reports: list[PartReport | None] = []
+    for rank_results in results:
+        report = None
+        mine = []
+        for wr in rank_results:
+            if isinstance(wr.storage_data, PartReport):
+                report = wr.storage_data
+            else:
+                mine.append(wr)
+        items.append(mine)
+        reports.append(report)
+    return items, reports
+
+
+def fresh_answer(plan: SavePlan, token: str) -> _GlobalPlanData | None:
+    """The coordinator's answer to this save's local plan; None for a replayed plan."""
+    glob = plan.storage_data
+    if isinstance(glob, _GlobalPlanData) and glob.token == token:
+        return glob
+    return None
 
 
 def global_plans(
@@ -97,87 +164,60 @@ def global_plans(
     attempt: str,
     save_to_durable: bool,
 ) -> GlobalPlan:
-    """The coordinator's answer to every rank's local plan."""
-    infos = [p.storage_data for p in plans]
-    if not all(isinstance(i, _LocalPlanData) for i in infos):
-        raise ConfigError(
-            "TieredStorageWriter got cached (empty) save plans: DCP's plan caching "
-            "(DefaultSavePlanner(enable_plan_caching=True)) replays the first save's storage "
-            "data, and each tierckpt save needs its own. Use a planner without plan caching."
-        )
-    steps = {i.step for i in infos}
-    if len(steps) != 1:
-        raise InvalidStepError(
-            f"Ranks disagree on the step being saved: {sorted(steps)}. Give every rank the same step."
-        )
+    """The coordinator's answer to every rank's local plan.
+
+    A replayed plan (DCP's plan caching) has no storage data or an earlier save's: the
+    answer then echoes no token, or that stale one, and its rank ignores it.
+    """
     if len(plans) != config.world_size:
         raise ConfigError(
             f"CheckpointConfig.world_size={config.world_size} but {len(plans)} ranks are "
             "saving: set world_size=dist.get_world_size()."
         )
-    rank_attempts = {i.rank: i.attempt for i in infos}
+    infos = [p.storage_data if isinstance(p.storage_data, _LocalPlanData) else None for p in plans]
     ns = config.namespace
-    # "Newest" is the newest save: above the clock, every rank's tier and this process.
-    generation = next_generation(ns, (i.newest_generation for i in infos))
     if save_to_durable:  # other nodes' uploads start before the memory commit
-        begin_upload(ns, step, attempt, rank_attempts.values())
+        # Attempts from replayed plans are stale: they only protect more. The save's step
+        # is protected as a whole until its durable commit, whatever its ranks' attempts.
+        reported = {i.attempt_hint for i in infos if i is not None and i.attempt_hint}
+        begin_upload(ns, step, attempt, reported | {attempt})
     # The memory commit is written on this (the coordinator's) node; ranks on other nodes
     # get the previous step's commit with this plan and install it in their own tier.
     last = last_commit(memory, ns)
-    ordered = sorted(infos, key=lambda i: i.rank)
-    nodes = [i.node_id for i in ordered]
-    addresses = [i.peer_address for i in ordered]
-    replicas, targets = _placement(config, nodes, addresses)
     out = []
     for plan, info in zip(plans, infos, strict=True):
         install = None
-        if last is not None and info.newest_committed != (last[0], last[1]):
+        if info is not None and last is not None and info.newest_committed != (last[0], last[1]):
             install = (last[2], last[3])
-        peers = tuple(Target(r, nodes[r], addresses[r]) for r in targets[info.rank])
-        glob = _GlobalPlanData(durable=save_to_durable, install=install, peer_targets=peers)
+        glob = _GlobalPlanData(
+            durable=save_to_durable, token=info.token if info else None, install=install
+        )
         out.append(dataclasses.replace(plan, storage_data=glob))
-    return GlobalPlan(out, rank_attempts, generation, nodes, addresses, replicas)
+    hints = {r: i.attempt_hint for r, i in enumerate(infos) if i is not None and i.attempt_hint}
+    return GlobalPlan(out, hints)
 
 
-def _placement(
-    config: CheckpointConfig, nodes: list[str], addresses: list[tuple[str, int] | None]
-) -> tuple[int, list[list[int]]]:
-    """Peer replicas of this save and each rank's target ranks (none when replication is
-    off, the job has one node, or a node runs no peer service: then said once, as a warning)."""
-    distinct = len(set(nodes))
-    none: list[list[int]] = [[] for _ in nodes]
-    if config.multi_node and distinct == 1:
-        _warn_once(
-            config,
-            "one-node-id",
-            f"The job spans several nodes (local_world_size={config.local_world_size} < "
-            f"world_size={config.world_size}) but every rank reports node id {nodes[0]!r}: "
-            "set TIERCKPT_NODE_ID (or torchrun's GROUP_RANK) per node. Peer replication is off.",
+def check_reports(
+    reports: Sequence[PartReport | None], step: int, durable: bool
+) -> list[PartReport]:
+    """Every rank's report, checked: one per rank, the same step and durable flag."""
+    missing = [r for r, rep in enumerate(reports) if rep is None]
+    if missing:
+        raise ConfigError(
+            f"Ranks {missing} sent no tierckpt part report: every rank must save with a "
+            "TieredStorageWriter of the same namespace."
         )
-        return 0, none
-    if distinct == 1 or config.replicas == 0:
-        return 0, none
-    if any(a is None for a in addresses):
-        _warn_once(
-            config,
-            "no-peer-service",
-            f"Ranks run on {distinct} nodes but ranks "
-            f"{[r for r, a in enumerate(addresses) if a is None]} run no peer service (their "
-            "LOCAL_WORLD_SIZE equals world_size?): set LOCAL_WORLD_SIZE (torchrun does) or "
-            "CheckpointConfig(local_world_size=...). Commits reach their nodes with the next "
-            "save, and nothing is replicated.",
+    got = [rep for rep in reports if rep is not None]
+    steps = {rep.step for rep in got}
+    if steps != {step}:
+        raise InvalidStepError(
+            f"Ranks disagree on the step being saved: {sorted(steps | {step})}. "
+            "Give every rank the same step."
         )
-        return 0, none
-    replicas = min(config.replicas, distinct - 1)
-    return replicas, rank_targets(nodes, replicas)
-
-
-def _warn_once(config: CheckpointConfig, what: str, message: str) -> None:
-    from .._runtime import RUNTIME
-
-    key = ("placement", what, config.namespace)
-    with RUNTIME.logs.lock:
-        if key in RUNTIME.logs.warned:
-            return
-        RUNTIME.logs.warned.add(key)
-    logger_for(config).warning(message)
+    flags = {rep.durable for rep in got}
+    if flags != {durable}:
+        raise ConfigError(
+            "Ranks disagree on save_to_durable for this save (with DCP's plan caching each "
+            "rank follows its own writer): pass the same save_to_durable on every rank."
+        )
+    return got

@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -27,19 +28,30 @@ from .._log import logger_for, megabytes, step_message, summary
 from ..config import CheckpointConfig, require_config
 from ..destination import record_destination
 from ..drain import set_exit_wait
+from ..history import begin_upload, next_generation
 from ..leases import AttemptLease, lease_name
 from ..manifest import BlobInfo, RankManifest
 from ..nodemem import hold_namespace
-from ..peer.node import peer_node
+from ..peer.node import PeerNode, peer_node
+from ..peer.placement import Peers, plan_peers
 from ..peer.publish import push_commit
-from ..peer.replicate import Target, replicate_part
+from ..peer.replicate import replicate_part
 from ..resume import resume_pending_once
 from ..saving import PartItem, RankPart, commit_memory, write_rank_part
 from ..staging import PrivateBuffer, StagingBuffer
 from ..tiers.durable import open_durable_tier
 from ..tiers.memory import open_memory_tier
 from ._inflight import Turn, take_turn
-from ._plan import GlobalPlan, global_plans, local_plan
+from ._plan import (
+    PartReport,
+    check_reports,
+    fresh_answer,
+    global_plans,
+    local_plan,
+    new_token,
+    report_result,
+    split_results,
+)
 from ._stage import stage_for_rank, staged_sizes
 
 __all__ = ["TieredStorageWriter"]
@@ -81,13 +93,14 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         self._staged_attempt = False
         self._lease: AttemptLease | None = None
         self._watching = False
+        self._token = new_token()
+        self._newest_generation = 0
         self._rank_attempts: dict[int, str] = {}
-        self._generation = 0
+        """Coordinator: each rank's attempt as its plan reports it (a hint; see ``_plan``)."""
         self._upload: Future[int] | None = None
         self._staging: StagingBuffer | None = None
         self._private: PrivateBuffer | None = None
         self._turn: Turn | None = None
-        self._peers: GlobalPlan | None = None
         if not self.save_to_durable:
             self.durable_done.set_result(None)
         self.memory = open_memory_tier(config)  # refuses an untrusted root; creates nothing
@@ -178,6 +191,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             self.attempt = layout.new_attempt_id()
             if self.peer_done.done():
                 self.peer_done = Future()
+        self._token = new_token()
         self._used = True
         self.memory.ensure_root(self.config.namespace)
         if self._lease is not None:
@@ -187,18 +201,16 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         assert self.step is not None
-        node = peer_node(self.config)
-        address = node.address if node is not None else None
-        return local_plan(
-            plan, self.memory, self.config, self.rank, self.step, self.attempt, address
+        planned, self._newest_generation = local_plan(
+            plan, self.memory, self.config, self.rank, self._token, self.attempt
         )
+        return planned
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         decided = global_plans(
             plans, self.memory, self.config, self.step or 0, self.attempt, self.save_to_durable
         )
-        self._rank_attempts, self._generation = decided.rank_attempts, decided.generation
-        self._peers = decided
+        self._rank_attempts = decided.attempt_hints
         return decided.plans
 
     # -- AsyncStager: dcp.async_save copies the state dict once, into the memory tier --
@@ -238,8 +250,10 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
     ) -> torch.futures.Future[list[WriteResult]]:
         assert self.step is not None
         log = logger_for(self.config)
-        glob = plan.storage_data
-        self._durable = bool(getattr(glob, "durable", self.save_to_durable))
+        # The coordinator's answer to this save's local plan; a replayed plan (DCP's plan
+        # caching) answers an earlier save: each rank then follows its own writer.
+        answer = fresh_answer(plan, self._token)
+        self._durable = answer.durable if answer is not None else self.save_to_durable
         if self._durable != self.save_to_durable:
             log.warning(
                 step_message(
@@ -274,13 +288,16 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         if self._durable:  # before the manifest that says durable: resumes find where to go
             record_destination(self.memory, self.config)
         written = write_rank_part(
-            self.memory, self.config, part, install=getattr(glob, "install", None), started=t0
+            self.memory,
+            self.config,
+            part,
+            install=answer.install if answer is not None else None,
+            started=t0,
         )
         if self._durable:
             self._start_drain(written.manifest)
         elif not self.durable_done.done():
             self.durable_done.set_result(None)
-        self._start_replication(written.manifest, tuple(getattr(glob, "peer_targets", ())))
         results = [
             WriteResult(
                 index=item.index,
@@ -289,18 +306,30 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             )
             for item, info in zip(plan.items, written.blobs, strict=True)
         ]
+        node = peer_node(self.config)
+        report = PartReport(
+            self.rank,
+            self.step,
+            self.attempt,
+            self._durable,
+            self._newest_generation,
+            node_id=self.config.node_id or "",
+            peer_address=node.address if node is not None else None,
+        )
+        self._start_replication(node, written.manifest)
+        results.append(report_result(report))
         fut: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
         fut.set_result(results)
         return fut
 
-    def _start_replication(self, manifest: RankManifest, targets: tuple[Target, ...]) -> None:
-        """Copy this rank's part to its peers once the step is committed (in the background)."""
-        node = peer_node(self.config) if targets else None
+    def _start_replication(self, node: PeerNode | None, manifest: RankManifest) -> None:
+        """Copy this rank's part to its peers once the step is committed (in the background;
+        the targets come with the commit). At once done in a one-node job."""
         if node is None:
             if not self.peer_done.done():
                 self.peer_done.set_result(None)
             return
-        replicate_part(self.config, self.memory, node, manifest, list(targets), self.peer_done)
+        replicate_part(self.config, self.memory, node, manifest, self.peer_done)
 
     def _start_drain(self, manifest: RankManifest) -> None:
         self.durable = self.durable or open_durable_tier(self.config, check=False)
@@ -313,48 +342,52 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             done=self.durable_done,
         )
 
-    def _publish_commit(self, record_json: bytes, metadata: bytes) -> None:
-        """Install the commit on every other node before this one (so that every node
-        holds it when ``dcp.save`` returns, and replicas never arrive before it)."""
-        if self._peers is None:
-            return
+    def _publish_commit(self, peers: Peers) -> Callable[[bytes, bytes], None] | None:
+        """Installs the commit on every other node before this one, so that every node holds
+        it when ``dcp.save`` returns and replicas never arrive before it."""
         node = peer_node(self.config)
-        if node is not None:
+        if node is None or len(set(peers.nodes)) <= 1:
+            return None
+        step = self.step or 0
+
+        def publish(record_json: bytes, metadata: bytes) -> None:
             push_commit(
-                self.config,
-                node,
-                self._peers.nodes,
-                self._peers.addresses,
-                record_json,
-                metadata,
-                step=self.step or 0,
+                self.config, node, peers.nodes, peers.addresses, record_json, metadata, step=step
             )
+
+        return publish
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         assert self.step is not None
         t0 = time.perf_counter()
+        items, maybe_reports = split_results(results)
+        reports = check_reports(maybe_reports, self.step, self._durable)
         storage_data: dict[Any, BlobInfo] = {}
         parts: list[tuple[str, list[BlobInfo]]] = []
-        for rank, rank_results in enumerate(results):
+        for report, rank_results in zip(reports, items, strict=True):
             storage_data.update((wr.index, wr.storage_data) for wr in rank_results)
-            attempt = self._rank_attempts.get(rank, self.attempt)
-            parts.append((attempt, [wr.storage_data for wr in rank_results]))
+            parts.append((report.attempt, [wr.storage_data for wr in rank_results]))
+        ns = self.config.namespace
+        if self._durable:  # every rank's actual attempt, for what protects its upload
+            begin_upload(ns, self.step, self.attempt, [r.attempt for r in reports])
+        # "Newest" is the newest save: above the clock, every rank's tier and this process.
+        generation = next_generation(ns, (r.newest_generation for r in reports))
         metadata.storage_data = storage_data
         md_bytes = pickle.dumps(metadata)
+        peers = plan_peers(self.config, reports)
         record = commit_memory(
             self.memory,
             self.config,
             step=self.step,
             attempt=self.attempt,
             rank=self.rank,
-            generation=self._generation,
+            generation=generation,
             durable=self._durable,
             parts=parts,
             metadata=md_bytes,
             started=t0,
-            nodes=self._peers.nodes if self._peers else [],
-            peer_replicas=self._peers.replicas if self._peers else 0,
-            publish=self._publish_commit,
+            peers=peers,
+            publish=self._publish_commit(peers),
         )
         seconds = time.perf_counter() - getattr(self, "_write_started", t0)
         nbytes = sum(b.length for _, blobs in parts for b in blobs)

@@ -22,9 +22,10 @@ from .._log import logger_for, rate, step_message
 from ..catalog import StepCatalog
 from ..config import CheckpointConfig
 from ..errors import ReplicationError
-from ..manifest import RankManifest, checksum
+from ..manifest import CommitRecord, RankManifest, checksum
 from ..tiers.memory import MemoryTier
 from .node import PeerNode
+from .placement import rank_targets
 from .priority import background_priority
 
 __all__ = ["Superseded", "Target", "replicate_part"]
@@ -51,10 +52,10 @@ def replicate_part(
     memory: MemoryTier,
     node: PeerNode,
     manifest: RankManifest,
-    targets: list[Target],
     done: Future[None],
 ) -> None:
-    """Replicate ``manifest``'s part to ``targets`` in the background; resolves ``done``."""
+    """Replicate ``manifest``'s part in the background to the targets its commit places it
+    on (none when the save makes no replicas); resolves ``done``."""
     key = (memory.root, config.namespace, manifest.rank)
     with _guard:
         seq = _latest[key] = _latest.get(key, 0) + 1
@@ -72,7 +73,7 @@ def replicate_part(
                     f"Step {manifest.step}: not replicated, a newer save of rank "
                     f"{manifest.rank} was queued behind it (replications coalesce)."
                 )
-            _replicate(config, memory, node, manifest, targets, superseded)
+            _replicate(config, memory, node, manifest, superseded)
 
     fut = run_in_background(body, name=f"tierckpt-replicate-{manifest.step}")
     fut.add_done_callback(lambda f: _resolve(done, f))
@@ -92,16 +93,29 @@ def _resolve(done: Future[None], fut: Future[None]) -> None:
         done.set_exception(error)
 
 
+def targets_of(record: CommitRecord, rank: int) -> list[Target]:
+    """The ranks (on other nodes) that receive ``rank``'s part of ``record``."""
+    if record.peer_replicas <= 0 or len(record.nodes) != record.world_size:
+        return []
+    ranks = rank_targets(record.nodes, record.peer_replicas)[rank]
+    out = []
+    for r in ranks:
+        address = record.addresses[r] if r < len(record.addresses) else None
+        where = (str(address[0]), int(address[1])) if address else None
+        out.append(Target(r, record.nodes[r], where))
+    return out
+
+
 def _wait_for_commit(
     catalog: StepCatalog, manifest: RankManifest, timeout: float, superseded: object
-) -> None:
+) -> CommitRecord:
     deadline = time.monotonic() + timeout
     while True:
         record = catalog.commit(manifest.step)
         if record is not None and any(
             r.rank == manifest.rank and r.attempt == manifest.attempt for r in record.ranks
         ):
-            return
+            return record
         if callable(superseded) and superseded():
             raise ReplicationError(
                 f"Step {manifest.step}: not committed before this rank's next save; its part "
@@ -121,16 +135,19 @@ def _replicate(
     memory: MemoryTier,
     node: PeerNode,
     manifest: RankManifest,
-    targets: list[Target],
     superseded: object,
 ) -> None:
     log = logger_for(config)
     ns, step, rank, attempt = config.namespace, manifest.step, manifest.rank, manifest.attempt
     catalog = StepCatalog(memory, ns, log)
     t0 = time.perf_counter()
+    targets: list[Target] = []
     try:
         # The commit reaches every node before dcp.save returns, unless its push failed.
-        _wait_for_commit(catalog, manifest, 2 * config.peer_timeout_s, superseded)
+        record = _wait_for_commit(catalog, manifest, 2 * config.peer_timeout_s, superseded)
+        targets = targets_of(record, rank)
+        if not targets:
+            return  # this save makes no replicas
         manifest_json = manifest.to_json()
         marker = json.dumps(
             {
