@@ -52,14 +52,20 @@ class AppState(Stateful):
         )
 
 
-def build(hidden: int, layers: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The model (the same on every rank) and its optimizer."""
+def build(
+    hidden: int, layers: int, *, init: bool = True
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model (the same on every rank) and its optimizer; ``init=False`` leaves the
+    parameters uninitialised (a replaced rank: recovery overwrites them)."""
     torch.manual_seed(0)
     dims = [32] + [hidden] * layers + [1]
     mods: list[torch.nn.Module] = []
-    for i in range(len(dims) - 1):
-        mods += [torch.nn.Linear(dims[i], dims[i + 1]), torch.nn.Tanh()]
+    with torch.device("cpu" if init else "meta"):
+        for i in range(len(dims) - 1):
+            mods += [torch.nn.Linear(dims[i], dims[i + 1]), torch.nn.Tanh()]
     model = torch.nn.Sequential(*mods[:-1])
+    if not init:
+        model.to_empty(device="cpu")
     return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
 
@@ -108,7 +114,8 @@ def main() -> None:
     faults = [(f.split(":") + ["0", "0"])[:4] for f in a.fault]  # kind, rank, step, life
     fired: set[str] = set()
 
-    model, optim = build(a.hidden, a.layers)
+    # A replaced rank's parameters are filled by recovery: skip their initialisation.
+    model, optim = build(a.hidden, a.layers, init=not recovery.is_replacement())
     state = {"app": AppState(model, optim)}
 
     def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +197,8 @@ def main() -> None:
         "generation": res.generation,
         "start": t_start,
         "end": time.time(),
+        "spare_ready": os.environ.get("TIERCKPT_SPARE_READY_AT"),
+        "spawned": os.environ.get("TIERCKPT_SPAWNED_AT"),
         "cache_hits": loader.cache_hits,
         "events": events,
         "step_ends": step_ends,

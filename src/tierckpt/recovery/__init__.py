@@ -10,7 +10,7 @@ from .comm import CommBackend, GlooBackend, NcclBackend
 from .errors import RecoveryError
 from .fill import Fill
 from .loader import StepLoader
-from .wrapper import Recovery, RecoveryOptions, RunResult, run
+from .wrapper import Recovery, RecoveryOptions, RunResult, is_replacement, run
 
 __all__ = [
     "ApiCheckpointer",
@@ -24,5 +24,6 @@ __all__ = [
     "RecoveryOptions",
     "RunResult",
     "StepLoader",
+    "is_replacement",
     "run",
 ]

@@ -120,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
                     [sys.executable, "-m", "tierckpt.recovery._spare"],
                     env=base,
                     stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
                     start_new_session=True,
                 )
             )
@@ -184,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
                 gen = int(store.get(key)) if store.check([key]) else members.generation()
                 now = members.bump(gen, f"process exited with {code}")
                 if replaced[local] >= a.max_replacements:
-                    _log(f"rank {rank} failed (exit {code}) {replaced[local] + 1} times: stopping")
+                    _log(
+                        f"rank {rank} failed (exit {code}) after {replaced[local]} replacements "
+                        f"(--max-replacements {a.max_replacements}): stopping the job"
+                    )
                     stop_all()
                     return 1
                 replaced[local] += 1

@@ -27,7 +27,7 @@ from .loader import StepLoader
 from .membership import Membership, store_root
 from .watchdog import Watchdog
 
-__all__ = ["Recovery", "RecoveryOptions", "RunResult", "run"]
+__all__ = ["Recovery", "RecoveryOptions", "RunResult", "is_replacement", "run"]
 
 log = logging.getLogger("tierckpt.recovery")
 SPAWNED_AT_ENV = "TIERCKPT_SPAWNED_AT"
@@ -85,6 +85,13 @@ class RunResult:
     recoveries: list[Recovery]
 
 
+def is_replacement() -> bool:
+    """Whether this process replaces a failed rank (``tierckpt-run`` started it after a
+    failure): its state will be filled by :func:`run`, so its model may be built without
+    initialising the parameters (e.g. on the meta device, then ``to_empty``)."""
+    return os.environ.get("TIERCKPT_REPLACEMENT", "0") not in ("", "0")
+
+
 def is_comm_error(error: BaseException) -> bool:
     """Whether ``error`` is a communication failure (not the user's own code failing)."""
     if isinstance(error, dist.DistError):
@@ -129,7 +136,7 @@ def run(
     spawned = float(os.environ.get(SPAWNED_AT_ENV, "0") or 0)
     t_fault = time.monotonic()
     phases: dict[str, float] = {}
-    if spawned and os.environ.get("TIERCKPT_REPLACEMENT", "0") != "0":
+    if spawned and is_replacement():
         phases["start"] = max(0.0, time.time() - spawned)
         fault = "replaced this rank"
     try:
@@ -203,6 +210,11 @@ def run(
                         f"already; giving up after {e!r}"
                     ) from e
                 backend.abort()
+                if not backend.healthy():
+                    log.error(
+                        "tierckpt: rank %d: the device is unusable; exiting to be replaced", rank
+                    )
+                    os._exit(1)
                 members.bump(gen, fault)
                 phases = {"abort": time.monotonic() - t_fault}
     finally:
