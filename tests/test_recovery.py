@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -59,13 +60,21 @@ def reference() -> tuple[dict[int, str], str]:
     return losses, train.params_hash(model)
 
 
-def launch(out: Path, memory_root: str, durable_dir: str, *args: str) -> tuple[str, dict]:
-    """Run the job under ``python -m tierckpt.recovery.launch``; (stderr, outputs by (rank, life))."""
+def launch(
+    out: Path, memory_root: str, durable_dir: str, *args: str, torchrun: bool = False
+) -> tuple[str, dict]:
+    """Run the job under ``python -m tierckpt.recovery.launch`` (or plain torchrun, no
+    restarts); (stderr, outputs by (rank, life))."""
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERCKPT_", "TORCHELASTIC"))}
     env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, "-m", "tierckpt.recovery.launch", "--nproc-per-node", "2",
-           str(TRAIN), "--out", str(out), "--memory-root", memory_root,
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # workers use torchrun's agent store
+    launcher = ["tierckpt.recovery.launch"]
+    if torchrun:
+        launcher = ["torch.distributed.run", "--nnodes", "1", "--max-restarts", "0",
+                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+                    "--local-addr", "127.0.0.1"]  # fmt: skip
+    cmd = [sys.executable, "-m", *launcher, "--nproc-per-node", "2", str(TRAIN), "--out", str(out), "--memory-root", memory_root,
            "--durable", durable_dir, "--steps", str(STEPS), *args]  # fmt: skip
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, check=False)
     assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout}\n{res.stderr}"
@@ -76,6 +85,12 @@ def launch(out: Path, memory_root: str, durable_dir: str, *args: str) -> tuple[s
     return res.stderr, outputs
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def check_against(reference: tuple[dict[int, str], str], outputs: dict, survivor: int) -> None:
     losses, final = reference
     alive = [o for (r, _), o in outputs.items() if r == survivor]
@@ -83,6 +98,11 @@ def check_against(reference: tuple[dict[int, str], str], outputs: dict, survivor
     got = {int(k): v for k, v in alive[0]["losses"].items()}
     assert got == losses, "the loss of every step equals the uninterrupted run's, bit-exact"
     assert {o["final"] for o in outputs.values()} == {final}
+    for o in outputs.values():
+        for r in o["recoveries"]:
+            if r["source"] == "failed":  # a generation that failed while recovering
+                continue
+            assert r["phases"]["reform"] < 1.0 and r["phases"]["restore"] < 5.0, r
 
 
 def test_kill_9_an_exception_and_a_hang_recover_in_place_with_the_uninterrupted_losses(
@@ -126,3 +146,15 @@ def test_a_killed_coordinator_and_a_kill_during_its_recovery_restore_from_the_me
     assert rec["source"].startswith(("checkpoint:", "live+checkpoint:")), rec
     assert rec["resumed_after"] in (3, 4) and rec["steps_lost"] <= 1
     assert "from memory" in stderr
+
+
+def test_an_exception_in_one_rank_recovers_in_place_under_plain_torchrun(
+    tmp_path: Path, memory_root: str, durable_dir: str, reference: Any
+) -> None:
+    stderr, outputs = launch(
+        tmp_path / "out", memory_root, durable_dir, "--fault", "raise:1:5", torchrun=True
+    )
+    assert set(outputs) == {(0, 0), (1, 0)}, "no process restarted (--max-restarts 0)"
+    check_against(reference, outputs, survivor=0)
+    check_against(reference, outputs, survivor=1)
+    assert outputs[(1, 0)]["recoveries"][0]["source"] == "replica:0"

@@ -177,7 +177,9 @@ def main() -> None:
     cfg = tierckpt.CheckpointConfig(
         namespace=a.namespace, world_size=world, memory_root=root, durable_base_path=a.durable
     )
-    ckpt = recovery.ApiCheckpointer(cfg, every_steps=1, durable_every_steps=a.durable_every)
+    ckpt = recovery.ApiCheckpointer(
+        cfg, every_steps=1, durable_every_steps=a.durable_every, timeout_s=max(a.hang_timeout, 2.0)
+    )
     cache = os.path.join(a.cache_dir, f"r{rank}") if a.cache_dir else None
     loader = recovery.StepLoader(batch, cache_dir=cache, prefetch=4 if cache else 0)
     opts = recovery.RecoveryOptions(

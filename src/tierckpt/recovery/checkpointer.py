@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 from concurrent.futures import Future
 from typing import Any, Protocol, runtime_checkable
 
@@ -40,6 +41,9 @@ class ApiCheckpointer:
     ``durable_every_steps``) on a gloo group of its own, ``tierckpt.load`` to restore.
 
     Call :meth:`reform` after the default group was re-formed (the wrapper does).
+    ``timeout_s`` bounds each collective of the save's own group: a save in flight when a
+    fault hit may be blocked in one (aborting a gloo group does not interrupt an operation
+    that another thread of the process is running), and is abandoned after it.
     """
 
     def __init__(
@@ -47,10 +51,12 @@ class ApiCheckpointer:
         config: CheckpointConfig,
         every_steps: int = 1,
         durable_every_steps: int | None = None,
+        timeout_s: float = 60.0,
     ) -> None:
         self.config = config
         self.every_steps = every_steps
         self.durable_every_steps = durable_every_steps
+        self.timeout_s = timeout_s
         self._future: Future[Any] | None = None
         self._group: dist.ProcessGroup | None = None
 
@@ -58,9 +64,13 @@ class ApiCheckpointer:
         """Drop the save in flight (its group is gone) and make a group on the new default."""
         if self._future is not None:
             with contextlib.suppress(BaseException):
-                self._future.result(timeout=min(self.config.collective_timeout_s, 30.0))
+                self._future.result(timeout=self.timeout_s + 5.0)
             self._future = None
-        self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._group = None
+        if dist.is_initialized():
+            self._group = dist.new_group(
+                backend="gloo", timeout=datetime.timedelta(seconds=self.timeout_s)
+            )
 
     def save(self, step: int, state: dict[str, Any]) -> bool:
         if step % self.every_steps != 0:
