@@ -12,6 +12,7 @@ everyone restores the newest restorable save.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +83,10 @@ def broadcast_state(state: dict[str, Any], src: int) -> int:
     return 0 if rank == src else nbytes
 
 
-def _restore(ckpt: Checkpointer, state: dict[str, Any], step: int | None) -> Fill:
+def _restore(
+    ckpt: Checkpointer, state: dict[str, Any], step: int | None, on_overwrite: Callable[[], None]
+) -> Fill:
+    on_overwrite()
     got = ckpt.restore(state, step)
     if got is None and step is not None:
         got = ckpt.restore(state, None)
@@ -90,25 +94,35 @@ def _restore(ckpt: Checkpointer, state: dict[str, Any], step: int | None) -> Fil
 
 
 def agree_and_fill(
-    live: int | None, state: dict[str, Any], ckpt: Checkpointer, *, replicated: bool
+    live: int | None,
+    state: dict[str, Any],
+    ckpt: Checkpointer,
+    *,
+    replicated: bool,
+    on_overwrite: Callable[[], None] = lambda: None,
 ) -> Fill:
-    """Collective on the default group: agree on the step and fill this rank's state."""
+    """Collective on the default group: agree on the step and fill this rank's state.
+
+    ``on_overwrite`` is called before this rank's state starts being overwritten (a fill
+    that fails halfway leaves it neither the old step nor the new one)."""
     views: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(views, live)
     held = [v for v in views if v is not None]
     rank = dist.get_rank()
     if not held:
-        fill = _restore(ckpt, state, None)
+        fill = _restore(ckpt, state, None, on_overwrite)
     else:
         target = max(held)
         if all(v == target for v in views):
             fill = Fill(target, "live")
         elif replicated:
             src = views.index(target)
+            if live != target:
+                on_overwrite()
             nbytes = broadcast_state(state, src)
             fill = Fill(target, "live" if live == target else f"replica:{src}", nbytes)
         else:
-            fill = _restore(ckpt, state, target)
+            fill = _restore(ckpt, state, target, on_overwrite)
             if fill.step == live:
                 fill.source = "live+" + fill.source  # reloaded from its own node's memory tier
     log.info(

@@ -9,6 +9,7 @@ next batch. Python, torch, the model and the optimizer are not rebuilt.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -142,6 +143,7 @@ def run(
     try:
         while True:
             t0 = time.monotonic()
+            overwritten: list[bool] = []
             try:
                 gen = members.join(opts.join_timeout_s)
                 t1 = time.monotonic()
@@ -156,7 +158,13 @@ def run(
                 reset_collective_state()
                 if opts.on_reform is not None:
                     opts.on_reform()
-                fill = agree_and_fill(live, state, checkpointer, replicated=opts.replicated)
+                fill = agree_and_fill(
+                    live,
+                    state,
+                    checkpointer,
+                    replicated=opts.replicated,
+                    on_overwrite=functools.partial(overwritten.append, True),
+                )
                 t3 = time.monotonic()
                 emit("filled", {"generation": gen, "step": fill.step, "source": fill.source})
             except (Exception, CheckpointException) as e:
@@ -166,6 +174,8 @@ def run(
                 log.warning(
                     "tierckpt: rank %d: generation %d failed while recovering: %r", rank, gen, e
                 )
+                if overwritten:
+                    live = None  # a fill that failed halfway: the state is of no step
                 backend.abort()
                 members.bump(gen, f"failed while recovering: {e!r}")
                 records.append(Recovery(gen, repr(e), None, "failed"))
