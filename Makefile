@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-$(shell cat requirements-dev.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: venv test lint typecheck pytest demo bench clean-shm
+.PHONY: venv test lint typecheck pytest demo demo-recovery bench bench-recovery clean-shm
 
 venv: $(STAMP)
 
@@ -36,6 +36,12 @@ test: lint typecheck pytest
 
 demo: venv
 	$(PY) examples/demo.py
+
+demo-recovery: venv
+	$(PY) examples/recovery_demo.py
+
+bench-recovery: venv
+	$(PY) -m benchmarks.recovery $(BENCH_ARGS)
 
 bench: venv
 	$(PY) -m benchmarks.run $(BENCH_ARGS)

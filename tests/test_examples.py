@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-SLOW = {"demo.py", "train.py"}
-"""Run by ``make demo``."""
+SLOW = {"demo.py", "train.py", "recovery_demo.py"}
+"""Run by ``make demo`` and ``make demo-recovery``."""
 QUICK = sorted(p.name for p in EXAMPLES.glob("*.py") if p.name not in SLOW)
 
 
