@@ -138,7 +138,7 @@ def test_a_killed_coordinator_and_a_kill_during_its_recovery_restore_from_the_me
     stderr, outputs = launch(
         tmp_path / "out", memory_root, durable_dir,
         "--fault", "kill:0:5", "--fault", "recovery-kill:0",  # rank 0 twice
-        "--no-replica",
+        "--no-replica", "--manager",  # checkpoints through CheckpointManager (reformed)
     )  # fmt: skip
     assert set(outputs) == {(0, 2), (1, 0)}, stderr
     check_against(reference, outputs, survivor=1)

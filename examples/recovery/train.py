@@ -96,6 +96,7 @@ def main() -> None:
     p.add_argument("--fault", action="append", default=[])
     p.add_argument("--hang-timeout", type=float, default=3.0)
     p.add_argument("--no-replica", action="store_true", help="restore from the checkpoint")
+    p.add_argument("--manager", action="store_true", help="checkpoint with CheckpointManager")
     p.add_argument("--cache-dir", default=None, help="tmpfs batch cache (per rank subdir)")
     p.add_argument("--step-time", type=float, default=0.0, help="sleep per step (demo pacing)")
     p.add_argument(
@@ -177,9 +178,18 @@ def main() -> None:
     cfg = tierckpt.CheckpointConfig(
         namespace=a.namespace, world_size=world, memory_root=root, durable_base_path=a.durable
     )
-    ckpt = recovery.ApiCheckpointer(
-        cfg, every_steps=1, durable_every_steps=a.durable_every, timeout_s=max(a.hang_timeout, 2.0)
-    )
+    ckpt: recovery.Checkpointer
+    if a.manager:  # the manager layer: re-formed with the group (CheckpointManager.reform)
+        ckpt = tierckpt.CheckpointManager(
+            cfg, every_steps=1, durable_every_steps=a.durable_every, preemption=False
+        )
+    else:
+        ckpt = recovery.ApiCheckpointer(
+            cfg,
+            every_steps=1,
+            durable_every_steps=a.durable_every,
+            timeout_s=max(a.hang_timeout, 2.0),
+        )
     cache = os.path.join(a.cache_dir, f"r{rank}") if a.cache_dir else None
     loader = recovery.StepLoader(batch, cache_dir=cache, prefetch=4 if cache else 0)
     opts = recovery.RecoveryOptions(

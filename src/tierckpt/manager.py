@@ -14,6 +14,8 @@ The manager composes the public pieces (:class:`TieredStorageWriter`, ``dcp.asyn
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
 import signal
 import time
@@ -109,6 +111,7 @@ class CheckpointManager:
         self.rank = dist.get_rank() if _dist() else 0
         world = dist.get_world_size() if _dist() else 1
         self._save_pg = process_group
+        self._own_pg = process_group is not None
         self._decide_pg: dist.ProcessGroup | None = None
         if _dist() and world > 1:
             if self._save_pg is None:
@@ -280,6 +283,27 @@ class CheckpointManager:
         raise Preempted(self.exit_code, step, ok)
 
     # ------------------------------------------------------------------ restoring
+
+    def reform(self, timeout_s: float = 60.0) -> None:
+        """After the default process group was re-formed (in-process recovery does it):
+        drop the save in flight, its group is gone (waited for at most ``timeout_s``), and
+        make this manager's groups anew on the new default group, each bounded by
+        ``timeout_s`` (aborting a gloo group does not interrupt another thread's collective).
+        Collective over the new group. A group passed as ``process_group`` is not replaced."""
+        self._check_open()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            with contextlib.suppress(BaseException):
+                pending.committed.result(timeout=timeout_s + 5.0)
+        self._durable_futures = []
+        if not _dist():
+            return
+        self.rank = dist.get_rank()
+        limit = datetime.timedelta(seconds=timeout_s)
+        if dist.get_world_size() > 1:
+            if not self._own_pg:
+                self._save_pg = dist.new_group(backend="gloo", timeout=limit)
+            self._decide_pg = dist.new_group(backend="gloo", timeout=limit)
 
     def restore(self, state: dict[str, Any], step: int | None = None) -> int | None:
         """Load the newest restorable save (or ``step``) into ``state`` in place; its step.

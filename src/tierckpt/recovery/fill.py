@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..errors import CheckpointNotFoundError
 from .checkpointer import Checkpointer
 from .errors import RecoveryError
 
@@ -87,7 +88,12 @@ def _restore(
     ckpt: Checkpointer, state: dict[str, Any], step: int | None, on_overwrite: Callable[[], None]
 ) -> Fill:
     on_overwrite()
-    got = ckpt.restore(state, step)
+    try:
+        got = ckpt.restore(state, step)
+    except CheckpointNotFoundError:  # that step's save never committed (a manager raises)
+        if step is None:
+            raise
+        got = None
     if got is None and step is not None:
         got = ckpt.restore(state, None)
     return Fill(got, "scratch" if got is None else f"checkpoint:{got}")
