@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         default="moto",
         help="the durable tier: an S3 server on loopback (default moto) or a local directory",
     )
+    p.add_argument("--only", choices=("stall", "restore"), default=None, help="one part only")
     args = p.parse_args(argv)
     terminate_on_signals()
     dirs = RunDirs()
@@ -172,13 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         durable = "s3://tierckpt-bench/multinode"
     opts = {"out_dir": dirs.disk, "threads": 1, "timeout_s": args.timeout}
     stall: dict[int, list[float]] = {0: [], 1: []}
-    for _ in range(args.trials):
+    for _ in range(args.trials if args.only != "restore" else 0):
         for replicas in (0, 1):
             res = launch(rank_loop, 2, (roots, durable, args.mib, args.steps, replicas), **opts)
             stall[replicas].append(res["step_s"])
             dirs.clear() if args.durable == "file" else _clear_shm(dirs.shm)
     restore: dict[str, list[float]] = {"peer": [], "durable": []}
-    for _ in range(args.trials):
+    for _ in range(args.trials if args.only != "stall" else 0):
         for source in ("peer", "durable"):
             launch(rank_save, 2, (roots, durable, args.mib), **opts)
             shutil.rmtree(roots[1])  # node 1 is lost
@@ -189,8 +190,12 @@ def main(argv: list[str] | None = None) -> int:
             assert lost["bytes"][source] > 0, lost
             restore[source].append(max(r["s"] for r in res["ranks"]))
             dirs.clear() if args.durable == "file" else _clear_shm(dirs.shm)
-    off, on = statistics.median(stall[0]), statistics.median(stall[1])
-    peer, dur = statistics.median(restore["peer"]), statistics.median(restore["durable"])
+    nan = [float("nan")]
+    off, on = statistics.median(stall[0] or nan), statistics.median(stall[1] or nan)
+    peer = statistics.median(restore["peer"] or nan)
+    dur = statistics.median(restore["durable"] or nan)
+    stall = {k: v or nan for k, v in stall.items()}
+    restore = {k: v or nan for k, v in restore.items()}
     result = {
         "command": "python -m benchmarks.multinode " + shlex.join(argv or sys.argv[1:]),
         "mib_per_rank": args.mib,
@@ -210,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'same restore from durable (s)':38} {dur:9.3f} {max(restore['durable']):9.3f}")
     print(f"{'peer / durable':38} {peer / dur:9.2f}")
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
+    out = RESULTS if args.only is None else RESULTS.replace(".json", f"-{args.only}.json")
+    with open(out, "w") as f:
         json.dump(result, f, indent=2)
     return 0
 

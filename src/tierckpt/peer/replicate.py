@@ -106,6 +106,13 @@ def targets_of(record: CommitRecord, rank: int) -> list[Target]:
     return out
 
 
+def _still_committed(catalog: StepCatalog, manifest: RankManifest) -> bool:
+    record = catalog.commit(manifest.step)
+    return record is not None and any(
+        r.rank == manifest.rank and r.attempt == manifest.attempt for r in record.ranks
+    )
+
+
 def _wait_for_commit(
     catalog: StepCatalog, manifest: RankManifest, timeout: float, superseded: object
 ) -> CommitRecord:
@@ -182,7 +189,15 @@ def _replicate(
             layout.step_key(ns, step, layout.replicated_name(attempt, rank)),
             [json.dumps({"nodes": [t.node_id for t in targets], "time": time.time()}).encode()],
         )
+    except Superseded:
+        raise
     except Exception as e:
+        if not _still_committed(catalog, manifest):  # evicted meanwhile: nothing to keep
+            log.debug(step_message(rank, step, f"Replication stopped: step evicted ({e})"))
+            raise Superseded(
+                f"Step {step}: evicted from memory while it replicated (newer saves replace "
+                "it); the newest saves are replicated instead."
+            ) from e
         where = ", ".join(f"node {t.node_id}" for t in targets)
         error = e if isinstance(e, ReplicationError) else None
         message = (
