@@ -98,3 +98,43 @@ def test_manager_saves_then_ls_inspect_gc_and_metrics_show_them(
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         assert "examples:\n  tierckpt " + cmd in capsys.readouterr().out, cmd
+
+
+def test_a_file_durable_drain_reports_byte_progress_while_its_one_data_file_copies(
+    tmp_path: Any, memory_root: str, monkeypatch: Any
+) -> None:
+    """A rank's part is one data file: its drain still logs progress within it (issue 10)."""
+    import logging
+
+    import torch
+
+    import tierckpt
+    from tierckpt.tiers import directory
+
+    monkeypatch.setenv("TIERCKPT_PROGRESS_S", "0")
+    monkeypatch.setattr(directory, "COPY_CHUNK", 2**20)
+    cfg = tierckpt.CheckpointConfig(
+        namespace="progress", world_size=1, memory_root=memory_root,
+        durable_base_path=f"file://{tmp_path}/durable",
+    )  # fmt: skip
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep(level=logging.INFO)
+    log = logging.getLogger("tierckpt")
+    log.addHandler(handler)
+    old = log.level
+    log.setLevel(logging.INFO)
+    try:
+        state = {"w": torch.arange(2**21, dtype=torch.float32)}  # 8 MiB: 8 chunks
+        tierckpt.save(state, config=cfg, step=1, save_to_durable=True)
+        assert tierckpt.wait_for_drains(timeout=60)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old)
+    lines = [m for m in seen if "step 1 drain (rank 0)" in m]
+    assert len(lines) >= 4, seen  # one per chunk of the single data file, not one per file
+    assert all("MB/s" in m and "ETA" in m for m in lines), lines

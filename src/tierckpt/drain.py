@@ -28,6 +28,7 @@ from .errors import DurableTierError, DurableUnavailableError
 from .manifest import CommitRecord, RankManifest
 from .progress import Progress
 from .tiers.base import Tier
+from .tiers.directory import DirectoryTier
 from .tiers.memory import MemoryTier
 
 __all__ = [
@@ -82,7 +83,10 @@ def upload_rank_part(
     try:
         for name in manifest.files:
             key = layout.step_key(namespace, step, name)
-            total += durable.put_file(key, memory.path(key))
+            if isinstance(durable, DirectoryTier):  # byte progress as the copy goes
+                total += durable.put_file(key, memory.path(key), progress=progress.add)
+            else:
+                total += durable.put_file(key, memory.path(key))
             progress.add(total - progress.done)
         crash_point("drain.after_data")
         durable.write(
