@@ -54,7 +54,14 @@ def _state(rank: int, mib: int, seed: int) -> dict[str, Any]:
 
 
 def rank_loop(
-    rank: int, world: int, roots: list[str], durable: str, mib: int, steps: int, replicas: int
+    rank: int,
+    world: int,
+    roots: list[str],
+    durable: str,
+    mib: int,
+    steps: int,
+    replicas: int,
+    duty: float = 0.25,
 ) -> dict[str, Any]:
     """Train ``steps`` steps, async-saving every step; seconds per step (median)."""
     import torch
@@ -68,6 +75,7 @@ def rank_loop(
         world_size=world,
         durable_base_path=durable,
         peer_replicas=replicas,
+        peer_duty_cycle=duty,
     )
     sd = _state(rank, mib, 0)
     a = torch.randn(384, 384)
@@ -158,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         default="moto",
         help="the durable tier: an S3 server on loopback (default moto) or a local directory",
     )
+    p.add_argument("--duty", type=float, default=0.25, help="CheckpointConfig.peer_duty_cycle")
     p.add_argument("--only", choices=("stall", "restore"), default=None, help="one part only")
     args = p.parse_args(argv)
     terminate_on_signals()
@@ -175,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     stall: dict[int, list[float]] = {0: [], 1: []}
     for _ in range(args.trials if args.only != "restore" else 0):
         for replicas in (0, 1):
-            res = launch(rank_loop, 2, (roots, durable, args.mib, args.steps, replicas), **opts)
+            res = launch(
+                rank_loop, 2, (roots, durable, args.mib, args.steps, replicas, args.duty), **opts
+            )
             stall[replicas].append(res["step_s"])
             dirs.clear() if args.durable == "file" else _clear_shm(dirs.shm)
     restore: dict[str, list[float]] = {"peer": [], "durable": []}
@@ -200,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.multinode " + shlex.join(argv or sys.argv[1:]),
         "mib_per_rank": args.mib,
         "durable": args.durable,
+        "peer_duty_cycle": args.duty,
         "step_s_peers_off": stall[0],
         "step_s_peers_on": stall[1],
         "stall": on / off - 1,

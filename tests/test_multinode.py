@@ -208,3 +208,32 @@ def test_a_one_node_job_starts_no_peer_service(roots_factory: Callable[[int], li
     roots = roots_factory(1)
     res = run_ranks(wm.w_one_node, 2, _nodes(roots, 2, 2))
     assert res == [{"services": 0, "peer_done": True}] * 2, res
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"node_id": "a/b"}, {"peer_replicas": -1}, {"peer_timeout_s": 0}, {"peer_duty_cycle": 0},
+     {"peer_duty_cycle": 1.5}, {"local_world_size": 0}],
+)  # fmt: skip
+def test_peer_settings_are_validated_with_typed_errors(bad: dict[str, Any]) -> None:
+    from tierckpt import CheckpointConfig, ConfigError
+
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        CheckpointConfig(namespace="x", world_size=4, **bad)
+
+
+def test_node_identity_and_peer_defaults_come_from_torchruns_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tierckpt import CheckpointConfig
+
+    monkeypatch.delenv("TIERCKPT_NODE_ID", raising=False)
+    monkeypatch.setenv("GROUP_RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    cfg = CheckpointConfig(namespace="x", world_size=4)
+    assert (cfg.node_id, cfg.local_world_size, cfg.multi_node, cfg.replicas) == ("3", 2, True, 1)
+    monkeypatch.setenv("TIERCKPT_NODE_ID", "rack7-node2")
+    assert CheckpointConfig(namespace="x", world_size=4, peer_replicas=0).replicas == 0
+    assert CheckpointConfig(namespace="x", world_size=4).node_id == "rack7-node2"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one node: no peers by default
+    assert CheckpointConfig(namespace="x", world_size=4).replicas == 0

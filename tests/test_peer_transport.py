@@ -497,3 +497,47 @@ def test_bind_host_uses_the_interface_of_the_job(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("TIERCKPT_PEER_HOST", "10.1.2.3")
     assert bind_host() == "10.1.2.3"
     assert issubclass(PeerError, TierckptError)
+
+
+def test_a_put_is_received_into_a_recycled_resident_file_when_the_node_offers_one(
+    root: str,
+) -> None:
+    """The receiver's pool offers a resident file: the bytes land in it (its inode), bigger
+    than needed is cut to size, and the data is verified like any put's."""
+    from tierckpt.staging import StagingPool
+    from tierckpt.tiers.memory import MemoryTier
+
+    node = os.path.join(root, "node")
+    os.mkdir(node, 0o700)
+    pool = StagingPool(MemoryTier(node), "ns")
+    os.makedirs(pool.pool_dir, mode=0o700)
+    sizes = {"a.buf": 8 * MIB, "b.buf": 6 * MIB}
+    inodes = {}
+    for name, size in sizes.items():
+        path = _write(os.path.join(pool.pool_dir, name), b"\1" * size)
+        inodes[name] = os.stat(path).st_ino
+    offered: list[str] = []
+
+    def recycled(key: str, nbytes: int, dest: str) -> bool:
+        offered.append(key)
+        return pool.claim_into(nbytes, dest)
+
+    svc = PeerService(node, SECRET, timeout_s=5, recycled=recycled)
+    try:
+        with PeerClient(svc.address, SECRET, timeout_s=5) as c:
+            data = os.urandom(5 * MIB + 7)
+            src = _write(os.path.join(root, "local", "part.data"), data)
+            c.put_file(src, "ns/step_1/part.data", _blobs(data, MIB), length=len(data))
+            second = os.urandom(MIB)
+            src2 = _write(os.path.join(root, "local", "two.data"), second)
+            c.put_file(src2, "ns/step_1/two.data", _blobs(second, MIB), length=len(second))
+    finally:
+        svc.close()
+    final = os.path.join(node, "ns/step_1/part.data")
+    with open(final, "rb") as f:
+        assert f.read() == data  # cut to size: no byte of the old contents past the end
+    assert os.stat(final).st_ino == inodes["b.buf"], "the smallest pooled file that fits"
+    assert offered == ["ns/step_1/part.data", "ns/step_1/two.data"]
+    # The last pooled file is left for this node's next save: the second put got a new file.
+    assert os.listdir(pool.pool_dir) == ["a.buf"]
+    assert os.stat(os.path.join(node, "ns/step_1/two.data")).st_ino not in inodes.values()

@@ -222,6 +222,10 @@ class CheckpointConfig:
     job spans more than one node, else 0; 0 turns the peer tier off."""
     peer_timeout_s: float = 30.0
     """Timeout of one peer transfer or call: a dead peer never hangs a save or a load."""
+    peer_duty_cycle: float = 0.25
+    """Largest share of time a rank spends replicating: after a replication of T seconds
+    the next one starts no sooner than T * (1 / duty - 1) later, and saves made meanwhile
+    coalesce into the newest. Bounds what replication takes from training's CPU."""
     peer_host: str | None = None
     """Address the peer service binds to: default ``$TIERCKPT_PEER_HOST``, else this host's
     address on the route to ``MASTER_ADDR`` (127.0.0.1 for a loopback master)."""
@@ -318,6 +322,9 @@ class CheckpointConfig:
         v = self.peer_replicas
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise ConfigError(f"peer_replicas={v!r}: must be None (automatic) or an int >= 0.")
+        d = self.peer_duty_cycle
+        if isinstance(d, bool) or not isinstance(d, int | float) or not 0 < d <= 1:
+            raise ConfigError(f"peer_duty_cycle={d!r}: must be a share of time in (0, 1].")
         t = self.peer_timeout_s
         if isinstance(t, bool) or not isinstance(t, int | float) or not t > 0:
             raise ConfigError(f"peer_timeout_s={t!r}: must be a number of seconds > 0.")

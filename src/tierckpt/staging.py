@@ -521,6 +521,28 @@ class StagingPool:
                     out[e.path] = e.stat().st_size
         return out
 
+    def claim_into(self, nbytes: int, dest: str, *, leave: int = 1) -> bool:
+        """Move a pooled file of at least ``nbytes`` (the smallest such) to ``dest``, under
+        its exclusive lock (a file a reader holds is skipped), leaving ``leave`` pooled files
+        for this node's next saves; False when none is taken."""
+        files = self._pooled()
+        if len(files) <= leave:
+            return False
+        for candidate in sorted(
+            (p for p, s in files.items() if s >= nbytes), key=lambda p: files[p]
+        ):
+            fd = _lock_exclusive(candidate)
+            if fd is None:
+                continue
+            try:
+                os.rename(candidate, dest)
+            except FileNotFoundError:
+                continue
+            finally:
+                os.close(fd)
+            return True
+        return False
+
     def recycle(self, path: str, keep: int) -> bool:
         """Move a data file of an evicted step into the pool if it holds fewer than ``keep``."""
         if len(self._pooled()) >= keep:

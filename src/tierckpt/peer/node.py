@@ -18,6 +18,7 @@ from ..catalog import StepCatalog
 from ..config import CheckpointConfig
 from ..errors import PeerError
 from ..retention import make_room
+from ..staging import StagingPool
 from ..tiers.memory import MemoryTier
 from .address import bind_host
 from .priority import background_priority
@@ -64,6 +65,7 @@ class PeerNode:
             host,
             allow=self._allow,
             reserve=self._reserve,
+            recycled=self._recycled,
             timeout_s=timeout_s,
         )
         self.service.register(INSTALL_COMMIT, self._install_commit)
@@ -117,6 +119,15 @@ class PeerNode:
         if budget is not None:
             catalog = StepCatalog(self.memory, config.namespace, logger_for(config))
             make_room(catalog, nbytes, budget, catalog.log)
+
+    def _recycled(self, key: str, nbytes: int, dest: str) -> bool:
+        """Receive a replica's data file into a pooled (resident) buffer of this node when
+        one fits: ``dest`` is the transfer's temporary. (Its room was reserved anyway, so a
+        tight budget may evict a little early; never late.)"""
+        found = self._split(key)
+        if found is None or not found[2].endswith(".data"):
+            return False
+        return StagingPool(self.memory, found[0].namespace).claim_into(nbytes, dest)
 
     def _install_commit(self, payload: bytes) -> bytes:
         from ..saving import install_commit

@@ -35,6 +35,8 @@ POLL_S = 0.005
 
 _latest: dict[tuple[str, str, int], int] = {}
 _locks: dict[tuple[str, str, int], threading.Lock] = {}
+_cooldown: dict[tuple[str, str, int], float] = {}
+"""When the next replication of a rank may start (``peer_duty_cycle``)."""
 _guard = threading.Lock()
 
 
@@ -68,12 +70,22 @@ def replicate_part(
     def body() -> None:
         background_priority()
         with lock:  # one replication of a rank at a time, in order
+            with _guard:
+                resume_at = _cooldown.get(key, 0.0)
+            time.sleep(max(0.0, resume_at - time.monotonic()))  # the duty cycle's rest
             if superseded():  # a newer save of this rank is queued: replicate that one
                 raise Superseded(
                     f"Step {manifest.step}: not replicated, a newer save of rank "
                     f"{manifest.rank} was queued behind it (replications coalesce)."
                 )
-            _replicate(config, memory, node, manifest, superseded)
+            t0 = time.monotonic()
+            try:
+                _replicate(config, memory, node, manifest, superseded)
+            finally:
+                busy = time.monotonic() - t0
+                rest = busy * (1.0 / config.peer_duty_cycle - 1.0)
+                with _guard:
+                    _cooldown[key] = time.monotonic() + rest
 
     fut = run_in_background(body, name=f"tierckpt-replicate-{manifest.step}")
     fut.add_done_callback(lambda f: _resolve(done, f))

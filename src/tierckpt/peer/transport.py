@@ -99,6 +99,7 @@ class PeerService:
         timeout_s: float = 30.0,
         reserve: Callable[[str, int], None] | None = None,
         release: Callable[[str, int], None] | None = None,
+        recycled: Callable[[str, int, str], bool] | None = None,
     ) -> None:
         if not secret:
             raise PeerError("The peer service needs a non-empty job secret (job_secret()).")
@@ -110,6 +111,7 @@ class PeerService:
         self._allow = allow
         self._reserve = reserve
         self._release = release
+        self._recycled = recycled
         self._handlers: dict[str, Callable[[bytes], bytes]] = {}
         self._put_hooks: list[Callable[[str, str], None]] = []
         self._slots = threading.BoundedSemaphore(max_connections)
@@ -330,10 +332,16 @@ class PeerService:
         fd = -1
         try:
             try:
-                fd = os.open(
-                    tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd
-                )
-                self._allocate(fd, key, length)
+                where = os.path.join(self.root.path, os.path.dirname(key), tmp)
+                if self._recycled is not None and length and self._recycled(key, length, where):
+                    # A resident file of the receiver's pool: its pages are written, not faulted.
+                    fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW, dir_fd=dfd)
+                    os.ftruncate(fd, length)
+                else:
+                    fd = os.open(
+                        tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd
+                    )
+                    self._allocate(fd, key, length)
             except (TierckptError, OSError) as e:
                 return e
             _wire.send_header(conn, {"ok": True})
