@@ -166,6 +166,7 @@ def test_a_node_killed_mid_replication_leaves_the_previous_fully_replicated_save
     nodes = _nodes(roots, 2, 4)
     outcomes = launch_ranks(wm.w_save_then_node_dies_mid_replication, 4, nodes, 1, timeout=90)
     assert [o.exitcode for o in outcomes[2:]] == [-signal.SIGKILL] * 2, outcomes
+    assert [o.exitcode for o in outcomes[:2]] == [0, 0], outcomes
     # memory_keep_last=1, yet node 0 kept step 1: step 2 is not fully replicated.
     assert "COMMIT" in _names(roots[0], 1) and "COMMIT" in _names(roots[0], 2)
     wm.lose_node(nodes, 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 from typing import Any
 
 import torch.distributed as dist
@@ -100,11 +101,19 @@ def w_save_then_node_dies_mid_replication(
         os.environ["TIERCKPT_CRASH_AT"] = "peer.after_data"
     writer = TieredStorageWriter(cfg, step=2)
     dcp.save(w.sharded_state(2, world_size), storage_writer=writer)
-    if nodes.node_of(rank) != dying_node:
-        writer.peer_done.exception(timeout=60)  # the dying node's root may vanish meanwhile
-    import time
+    if nodes.node_of(rank) == dying_node:
+        time.sleep(30)  # killed by the crash point once its data reached the peer
+        return
+    # Stay up (serving the dying node's replicas) until both dying ranks' data arrived here.
+    step_dir = os.path.join(nodes.roots[rank // nodes.per_node], cfg.namespace, "step_2")
+    dying = [r for r in range(world_size) if nodes.node_of(r) == dying_node]
 
-    time.sleep(30)  # the dying ranks kill themselves; the launcher kills the rest
+    def arrived() -> bool:
+        names = os.listdir(step_dir) if os.path.isdir(step_dir) else []
+        return all(any(n.endswith(f"-r{r}.data") for n in names) for r in dying)
+
+    w.wait_for(arrived, timeout=30)
+    time.sleep(2)  # the senders are killed right after their data's ack
 
 
 def lose_node(nodes: Nodes, node: int) -> None:
@@ -127,7 +136,7 @@ def w_peer_unreachable(rank: int, world_size: int, nodes: Nodes) -> dict[str, An
     back for step 3; every save succeeds, step 2's replication fails typed."""
     from tierckpt.peer import node as peer_nodes
 
-    cfg = as_node(rank, nodes, peer_timeout_s=5.0)
+    cfg = as_node(rank, nodes, peer_timeout_s=2.0)
     out: dict[str, Any] = {}
     for step in (1, 2, 3):
         if step == 2 and rank == 1:

@@ -78,14 +78,10 @@ def replicate_part(
                     f"Step {manifest.step}: not replicated, a newer save of rank "
                     f"{manifest.rank} was queued behind it (replications coalesce)."
                 )
-            t0 = time.monotonic()
-            try:
-                _replicate(config, memory, node, manifest, superseded)
-            finally:
-                busy = time.monotonic() - t0
-                rest = busy * (1.0 / config.peer_duty_cycle - 1.0)
-                with _guard:
-                    _cooldown[key] = time.monotonic() + rest
+            busy = _replicate(config, memory, node, manifest, superseded)
+            rest = busy * (1.0 / config.peer_duty_cycle - 1.0)  # only transfers count
+            with _guard:
+                _cooldown[key] = time.monotonic() + rest
 
     fut = run_in_background(body, name=f"tierckpt-replicate-{manifest.step}")
     fut.add_done_callback(lambda f: _resolve(done, f))
@@ -155,7 +151,8 @@ def _replicate(
     node: PeerNode,
     manifest: RankManifest,
     superseded: object,
-) -> None:
+) -> float:
+    """Replicate one part; the seconds spent transferring (0 when nothing was sent)."""
     log = logger_for(config)
     ns, step, rank, attempt = config.namespace, manifest.step, manifest.rank, manifest.attempt
     catalog = StepCatalog(memory, ns, log)
@@ -166,7 +163,8 @@ def _replicate(
         record = _wait_for_commit(catalog, manifest, 2 * config.peer_timeout_s, superseded)
         targets = targets_of(record, rank)
         if not targets:
-            return  # this save makes no replicas
+            return 0.0  # this save makes no replicas
+        sending = time.perf_counter()
         manifest_json = manifest.to_json()
         marker = json.dumps(
             {
@@ -228,3 +226,4 @@ def _replicate(
             f"Replicated to {len(targets)} peer(s): {rate(nbytes, time.perf_counter() - t0)}",
         )
     )
+    return time.perf_counter() - sending
