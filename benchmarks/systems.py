@@ -160,6 +160,18 @@ class Memcpy(System):
         self.bufs = {}
 
 
+def _packed_layout(state: State) -> tuple[list[tuple[str, int, int]], int]:
+    """(name, offset, bytes) of each local tensor packed into one file at 64-byte
+    boundaries, and the file's size (at least 1)."""
+    layout: list[tuple[str, int, int]] = []
+    off = 0
+    for k, t in state.local.items():
+        n = t.numel() * t.element_size()
+        layout.append((k, off, n))
+        off = (off + n + 63) // 64 * 64
+    return layout, max(off, 1)
+
+
 @register
 class MemcpyTmpfs(System):
     name = "memcpy-tmpfs"
@@ -168,13 +180,7 @@ class MemcpyTmpfs(System):
 
     def prepare(self, state: State) -> None:
         os.makedirs(self.shm, exist_ok=True)
-        self.layout: list[tuple[str, int, int]] = []
-        off = 0
-        for k, t in state.local.items():
-            n = t.numel() * t.element_size()
-            self.layout.append((k, off, n))
-            off = (off + n + 63) // 64 * 64
-        self.size = max(off, 1)
+        self.layout, self.size = _packed_layout(state)
 
     def _path(self, step: int) -> str:
         return os.path.join(self.shm, f"rank{self.ctx.rank}-step{step}.bin")
@@ -223,12 +229,7 @@ class PreadvTmpfs(System):
     def prepare(self, state: State) -> None:
         os.makedirs(self.shm, exist_ok=True)
         self.path = os.path.join(self.shm, f"rank{self.ctx.rank}.bin")
-        self.layout: list[tuple[str, int, int]] = []
-        off = 0
-        for k, t in state.local.items():
-            n = t.numel() * t.element_size()
-            self.layout.append((k, off, n))
-            off = (off + n + 63) // 64 * 64
+        self.layout, _ = _packed_layout(state)
 
     def _raw(self, t: torch.Tensor) -> memoryview:
         return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
