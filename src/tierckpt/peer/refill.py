@@ -110,8 +110,7 @@ def _copy(
     total = sum(int(info["size"]) for info in manifest.files.values())
     if config.memory_budget_bytes is not None:
         make_room(catalog, total, config.memory_budget_bytes, catalog.log)
-    client = PeerClient(holder.address, holder._secret, timeout_s=config.peer_timeout_s)
-    with client:
+    with holder.client() as client:
         for fname, info in manifest.files.items():
             _copy_file(memory, client, layout.step_key(ns, step, fname), info)
     memory.write(layout.step_key(ns, step, manifest_name), [bytes(raw)])

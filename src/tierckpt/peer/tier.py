@@ -67,7 +67,8 @@ class PeerTier:
             return None, ""
         return layout.parse_step_dir(parts[1]), parts[2]
 
-    def _client(self) -> PeerClient:
+    def client(self) -> PeerClient:
+        """A new client of this peer's service (the caller closes it)."""
         return PeerClient(self.address, self._secret, timeout_s=self._timeout)
 
     def read(self, key: str, offset: int = 0, length: int | None = None) -> Buffer:
@@ -77,18 +78,8 @@ class PeerTier:
             step, name = self._split(key)
             assert step is not None
             length = self.holdings[step][name] - offset
-        with self._client() as client:
+        with self.client() as client:
             return client.read(key, offset, length)
-
-    def read_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[Buffer | Exception]:
-        if not self.holds(key):
-            missing = KeyNotFoundError(f"{self.url}: {key} is not held there")
-            return [missing] * len(ranges)
-        try:
-            with self._client() as client:
-                return list(client.read_ranges(key, ranges))
-        except PeerError as e:
-            return [e] * len(ranges)
 
     def fetch_into(
         self, key: str, blobs: list[tuple[int, int, memoryview | None]]
@@ -101,7 +92,7 @@ class PeerTier:
             return [missing] * len(blobs)
         out: list[tuple[Buffer | None, int, str] | Exception] = []
         try:
-            with self._client() as client:
+            with self.client() as client:
                 loose = [(o, n) for o, n, into in blobs if into is None]
                 bufs = iter(client.read_ranges(key, loose) if loose else [])
                 for offset, length, into in blobs:
