@@ -27,6 +27,7 @@ from .errors import (
     TierckptError,
 )
 from .history import abandoned, mark_unloadable, marked_unloadable, newest_key, observe
+from .manifest import CommitRecord
 from .peer.node import peer_node
 from .peer.tier import PeerTier
 from .peer.view import PeerView, is_node_leader
@@ -138,12 +139,15 @@ class Finder:
         catalogs = [StepCatalog(t, ns, self.log) for t in self.tiers]
         records: dict[Choice, StepSource] = {}
         listings: dict[tuple[str, int], dict[str, int]] = {}
+        in_memory: dict[int, CommitRecord] = {}
         steps = sorted({s for c in catalogs for s in c.steps()}, reverse=True)
         for step in steps:
             for cat in catalogs:
                 record = cat.commit(step)
                 if record is None:
                     continue
+                if cat is catalogs[0]:
+                    in_memory[step] = record
                 choice = (step, record.attempt)
                 view.saves.add((step, record.attempt, record.generation))
                 if choice in records or requested not in (None, step):
@@ -172,14 +176,19 @@ class Finder:
                 if why is not None:
                     view.unloadable[choice] = why
         if self.config.multi_node:
-            self._report_node(view, catalogs[0], records)
+            self._report_node(view, catalogs[0], in_memory, listings)
         return records, view
 
     def _report_node(
-        self, view: View, memory: StepCatalog, records: dict[Choice, StepSource]
+        self,
+        view: View,
+        memory: StepCatalog,
+        commits: dict[int, CommitRecord],
+        listings: dict[tuple[str, int], dict[str, int]],
     ) -> None:
         """Fill this rank's peer fields: its service, and (one rank per node) what the
-        node's memory tier holds."""
+        node's memory tier holds (``commits`` and ``listings``: what :meth:`sources`
+        already read of it)."""
         node = peer_node(self.config)
         view.node_id = self.config.node_id or ""
         view.peer_address = node.address if node is not None else None
@@ -187,8 +196,9 @@ class Finder:
         if not view.leader:
             return
         for step in memory.steps():
-            view.listing[step] = memory.files(step)
-            record = memory.commit(step)
+            listing = listings.get((memory.tier.name, step))
+            view.listing[step] = listing if listing is not None else memory.files(step)
+            record = commits.get(step)
             if record is not None:
                 view.record_files[(step, record.attempt)] = (record.generation, record.files())
 
