@@ -17,11 +17,11 @@ from .._log import logger_for
 from ..catalog import StepCatalog
 from ..config import CheckpointConfig
 from ..errors import PeerError
+from ..priority import background_priority
 from ..retention import make_room
 from ..staging import StagingPool
 from ..tiers.memory import MemoryTier
 from .address import bind_host
-from .priority import background_priority
 from .secret import job_secret
 from .transport import PeerClient, PeerService
 

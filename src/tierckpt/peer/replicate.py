@@ -23,10 +23,10 @@ from ..catalog import StepCatalog
 from ..config import CheckpointConfig
 from ..errors import ReplicationError
 from ..manifest import CommitRecord, RankManifest, checksum
+from ..priority import background_priority
 from ..tiers.memory import MemoryTier
 from .node import PeerNode
 from .placement import rank_targets
-from .priority import background_priority
 
 __all__ = ["Superseded", "Target", "replicate_part"]
 

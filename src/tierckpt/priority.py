@@ -1,4 +1,4 @@
-"""The CPU priority of tierckpt's peer threads."""
+"""The CPU priority of tierckpt's background threads (replication, spare fills)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ __all__ = ["background_priority"]
 
 
 def background_priority() -> None:
-    """Run the calling thread at the lowest CPU priority, so replication uses the cores
+    """Run the calling thread at the lowest CPU priority, so background work uses the cores
     training leaves idle (on Linux a thread's nice value is its own; elsewhere a no-op)."""
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
