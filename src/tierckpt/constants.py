@@ -12,7 +12,7 @@ __all__ = [
     "MAX_LOAD_FALLBACKS",
     "ORPHANS_POOLED",
     "READ_THREADS",
-    "SPARE_CHUNK",
+    "TOUCH_CHUNK",
 ]
 
 # -- layout of data files --
@@ -36,8 +36,9 @@ MAX_LOAD_FALLBACKS = 3
 """How many unloadable saves ``tierckpt.load`` skips before it gives up."""
 
 # -- staging pool --
-SPARE_CHUNK = 64 << 20
-"""Bytes of a spare buffer allocated at a time in the background (then as long idle)."""
+TOUCH_CHUNK = 8 << 20
+"""Bytes of a spare buffer allocated and written at a time in the background (then as long
+idle); a save that needs the spare waits at most one chunk for it."""
 ORPHANS_POOLED = 4
 """Staging files of dead writers kept (per namespace) as pooled buffers; the rest are deleted."""
 

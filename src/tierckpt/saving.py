@@ -201,6 +201,7 @@ def write_rank_part(
         extra = _unstaged_bytes(items, buffer)
         if buffer is None and items:
             buffer = acquire_buffer(memory, config, attempt, rank, extra)
+            log.debug(step_message(rank, step, f"Writing into a staging buffer ({buffer.kind})"))
         elif buffer is not None and extra:
             grow_buffer(memory, config, buffer, extra)
         if buffer is not None:

@@ -28,9 +28,10 @@ from typing import Any, ClassVar
 import torch
 import xxhash
 
-from .constants import ALIGN, HASH_CHUNK, HASH_WHILE_STAGING, ORPHANS_POOLED, SPARE_CHUNK
+from .constants import ALIGN, HASH_CHUNK, HASH_WHILE_STAGING, ORPHANS_POOLED, TOUCH_CHUNK
 from .errors import TierFullError
 from .leases import AttemptLease, is_live, lease_name, node_lock, sweep_leases
+from .priority import background_priority
 from .tiers.memory import MemoryTier
 
 __all__ = [
@@ -51,6 +52,11 @@ _BUDGET_LOCK = ".budget.lock"
 _FILLING = ".filling-"
 _SPARE = ".spare"
 """Suffix of a pooled file that is allocated but was never written (a pre-allocated spare)."""
+
+
+_FILLS: dict[tuple[str, int], tuple[threading.Thread, threading.Event]] = {}
+"""This process's spare fills in progress, by (pool directory, rank)."""
+_FILLS_LOCK = threading.Lock()
 
 
 def _is_spare(path: str | None) -> bool:
@@ -104,7 +110,7 @@ class StagingBuffer:
             # Files made here are always fully allocated, so a reused one that covers the
             # capacity needs no second pass over its pages.
             fresh = unwritten or self.reused_bytes == 0
-            if capacity > self.reused_bytes:
+            if capacity > self.reused_bytes or unwritten:  # a spare may be partly allocated
                 os.posix_fallocate(self._fd, 0, capacity)
             self.file_size = os.fstat(self._fd).st_size
             hits = _MAPPINGS.hits
@@ -437,6 +443,7 @@ class StagingPool:
         allocation run under the node's :func:`budget_lock`. If either fails, the claim is
         undone (the file is deleted instead when the tier is full).
         """
+        self._stop_fill(rank)  # a spare being filled for this rank is taken as it is
         os.makedirs(self.staging_dir, mode=0o700, exist_ok=True)
         path = os.path.join(self.staging_dir, f"{name}-p{os.getpid()}")
         with budget_lock(self.memory.root, make_room is not None):
@@ -581,8 +588,14 @@ class StagingPool:
     ) -> threading.Thread | None:
         """In the background, add one pre-faulted file of ``nbytes`` for ``rank`` if none fits.
 
-        The spare is named ``.filling-r<rank>-<token>`` while it is allocated and holds a
-        lease of the same name; the budget check and allocation run under the node lock.
+        The spare's pages are written (zeros) at a bounded rate, so the save that claims it
+        writes resident pages: a page's first touch is the cost of a fresh buffer (about
+        2 s per GiB on these VMs, see DESIGN "Measured on these machines"), paid here instead
+        of in the save. A save of this process that needs a buffer while the fill runs stops
+        it and takes the spare as far as it got (:meth:`acquire`).
+
+        The spare is named ``.filling-r<rank>-<token>`` while it is filled and holds a
+        lease of the same name; the budget check and the size run under the node lock.
         """
         own = f"r{rank}-"
         pooled = self._pooled()
@@ -590,14 +603,18 @@ class StagingPool:
             s >= nbytes and os.path.basename(p).startswith(own) for p, s in pooled.items()
         ):
             return None
-        if any(
+        with _FILLS_LOCK:
+            running = _FILLS.get((self.pool_dir, rank))
+        if (running is not None and running[0].is_alive()) or any(
             os.path.basename(p).startswith(f"{_FILLING}{own}") for p in self._pooled(filling=True)
         ):
             return None  # one spare per rank at a time
         if budget is not None and self.memory.usage_bytes() + nbytes > budget:
             return None
+        stop = threading.Event()
 
         def fill() -> None:
+            background_priority()  # the cores training leaves idle
             # Never re-create a namespace removed meanwhile (clear-memory, a finished test):
             # only the pool directory itself is made, inside a namespace that still exists.
             try:
@@ -619,12 +636,11 @@ class StagingPool:
                         if budget is not None and self.memory.usage_bytes() + nbytes > budget:
                             raise TierFullError("no room in the budget for a spare")
                         os.ftruncate(fd, nbytes)  # counted in the usage from now on
-                    _fallocate_gently(fd, nbytes)  # the pages; ENOSPC, never SIGBUS
-                    # Only allocated: tmpfs zeroes a page on its first fault but not when
-                    # write() fills it, and the save that claims the spare writes it with
-                    # write(), so zeroing or mapping it here would be wasted work.
+                    _touch_gently(fd, nbytes, stop)  # ENOSPC here, never SIGBUS later
                 finally:
                     os.close(fd)
+                # As far as it got (stopped by a save): the claimer allocates the rest and
+                # fills the file with write(), which suits touched and untouched pages alike.
                 os.rename(tmp, os.path.join(self.pool_dir, f"{own}{secrets.token_hex(8)}{_SPARE}"))
             except (OSError, TierFullError):
                 with contextlib.suppress(OSError):
@@ -633,8 +649,18 @@ class StagingPool:
                 lease.release()
 
         thread = threading.Thread(target=fill, name="tierckpt-prefault", daemon=True)
+        with _FILLS_LOCK:
+            _FILLS[(self.pool_dir, rank)] = (thread, stop)
         thread.start()
         return thread
+
+    def _stop_fill(self, rank: int) -> None:
+        """Stop this process's spare fill for ``rank``, if one runs, and wait for its file."""
+        with _FILLS_LOCK:
+            entry = _FILLS.pop((self.pool_dir, rank), None)
+        if entry is not None and entry[0].is_alive():
+            entry[1].set()
+            entry[0].join()
 
     def sweep_orphans(self) -> None:
         """Reclaim staging files and spares whose writers are gone (their lease is not live).
@@ -667,18 +693,30 @@ def _rank_tag(path: str) -> str:
     return f"r{m.group(1)}-" if m else ""
 
 
-def _fallocate_gently(fd: int, nbytes: int) -> None:
-    """Allocate ``nbytes`` of tmpfs pages in chunks, idle as long as each chunk took.
+_ZEROS = bytes(TOUCH_CHUNK)
 
-    A spare is allocated while training (and often the next save) runs: at most half of one
-    core goes to it, and the page allocator is left to the foreground half the time.
+
+def _touch_gently(fd: int, nbytes: int, stop: threading.Event) -> None:
+    """Allocate and write (zeros) ``nbytes`` of tmpfs pages chunk by chunk, idle as long as
+    each chunk took, until done or ``stop`` is set.
+
+    A spare is filled while training (and often the next save) runs, at the lowest CPU
+    priority: at most half of one core goes to it, and the page allocator is left to the
+    foreground half the time.
     """
     import time
 
-    for start in range(0, nbytes, SPARE_CHUNK):
+    for start in range(0, nbytes, TOUCH_CHUNK):
+        if stop.is_set():
+            return
         t0 = time.perf_counter()
-        os.posix_fallocate(fd, start, min(SPARE_CHUNK, nbytes - start))
-        time.sleep(time.perf_counter() - t0)
+        length = min(TOUCH_CHUNK, nbytes - start)
+        os.posix_fallocate(fd, start, length)
+        view = memoryview(_ZEROS)[:length]
+        done = 0
+        while done < length:
+            done += os.pwrite(fd, view[done:], start + done)
+        stop.wait(time.perf_counter() - t0)
 
 
 def release_deleted_mappings() -> None:
