@@ -35,6 +35,7 @@ from .policies import (
     SavePolicy,
 )
 from .preemption import Preempted
+from .prefault import prefault
 from .resume import PendingDrain, pending_drains, resume_pending
 from .state import Batches, ModelState, PerRank, ResumableIterator, RNGState, TrainingState
 
@@ -77,6 +78,7 @@ __all__ = [
     "TierckptError",
     "UnsafeMemoryRootError",
     "pending_drains",
+    "prefault",
     "async_save",
     "load",
     "resume_pending",

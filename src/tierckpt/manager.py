@@ -40,6 +40,7 @@ from .durable_gc import apply_gc, plan_gc
 from .errors import CheckpointNotFoundError, ConfigError
 from .policies import AnyOf, EveryNSeconds, EveryNSteps, Never, RetentionPolicy, SaveContext
 from .preemption import Preempted, PreemptionWatcher
+from .prefault import prefault
 from .tiers.durable import open_durable_tier
 
 __all__ = ["CheckpointManager", "PendingSave"]
@@ -322,10 +323,12 @@ class CheckpointManager:
         except CheckpointNotFoundError:
             if step is not None:
                 raise
+            self._prefault(state)
             return None
         except Exception:
             metrics.observe_failure(self.config.namespace, "load")
             raise
+        self._prefault(state)
         info = metrics.last_load(self.config.namespace)
         self.last_restore = {
             "step": loaded,
@@ -335,6 +338,13 @@ class CheckpointManager:
         self._last_step, self._last_time = loaded, time.monotonic()
         self.last_saved_step = loaded
         return loaded
+
+    def _prefault(self, state: dict[str, Any]) -> None:
+        """Start paying for the next save's memory-tier pages now, in the background."""
+        try:
+            prefault(self.config, state)
+        except Exception as e:  # an optimisation: never a reason for a restore to fail
+            self.log.warning(f"tierckpt: could not prefault a buffer: {e}")
 
     # ------------------------------------------------------------------ lifetime
 

@@ -1,0 +1,39 @@
+"""A job's first saves copy into resident pages: ``tierckpt.prefault`` and the spare fill.
+
+A page's first touch is most of a fresh buffer's cost (benchmarks/README.md, "First
+saves"); the spare is filled in the background and the save takes it over, also mid-fill.
+"""
+
+from __future__ import annotations
+
+import workers_prefault as wp
+from fixtures_dist import run_ranks
+
+
+def test_prefault_fills_a_spare_that_the_first_save_writes_into(config_factory):
+    cfg = config_factory()
+    for rank, res in enumerate(run_ranks(wp.w_prefault_then_save, 2, cfg, timeout=120)):
+        assert res["started"] and not res["again"] and not res["after_fill"], res
+        assert res["spare_size"] >= res["part"], res
+        assert res["used_spare"].endswith(f"-r{rank}.data"), f"the save wrote a new file: {res}"
+        assert res["exact"], res
+
+
+def test_a_save_during_the_fill_stops_it_and_takes_the_spare_as_it_is(config_factory):
+    cfg = config_factory(memory_prefault=False)  # only the spare this test starts
+    for rank, res in enumerate(run_ranks(wp.w_save_takes_over_a_fill, 2, cfg, timeout=120)):
+        assert not res["fill_alive"], "the fill went on after the save took its file"
+        assert res["used_spare"].endswith(f"-r{rank}.data"), f"the save wrote a new file: {res}"
+        assert res["used_size"] < 64 << 20, f"the 512 MiB spare was not trimmed: {res}"
+        assert not [n for n in res["pooled_after"] if n.startswith(".filling-")], res
+        assert res["exact"], res
+
+
+def test_manager_restore_on_a_fresh_job_prefaults_the_first_save(config_factory):
+    cfg = config_factory(world_size=1)
+    res = run_ranks(wp.w_manager_restore_prefaults, 1, cfg, timeout=120)[0]
+    assert res["restored"] is None, res
+    assert res["optim_state_before_training"] == 0, "restore() stepped the optimizer"
+    # Model (2 x 1 MiB + biases) and an AdamW estimate of two moments per parameter.
+    assert res["spare_size"] >= 3 * 2 * 512 * 512 * 4, res
+    assert res["used_spare"].endswith("-r0.data"), f"the first save wrote a new file: {res}"
