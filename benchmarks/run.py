@@ -16,6 +16,7 @@ import argparse
 import os
 import shlex
 import sys
+import time
 import traceback
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -53,6 +54,9 @@ class Options:
     reps: int
     warmup: int
     first_saves: int
+    first_keep: int
+    first_gap_s: float
+    cold_wait_s: float
     keep_last: int | None
     shm_dir: str
     disk_dir: str
@@ -134,10 +138,15 @@ def _bench_system(name: str, state: Any, opts: Options, ctx: Any, sampler: Any) 
         system.prepare(state)
         step = 0
         # A fresh job's first saves, back to back, one by one (cold tmpfs pages, empty pools).
+        # Each system keeps the newest first_keep saves (tierckpt's memory_keep_last), as a
+        # job rotating its checkpoints on tmpfs would; first_gap_s stands for a training step.
         for _ in range(opts.first_saves):
+            time.sleep(opts.first_gap_s)
             step += 1
             rec["first"].append(timed(partial(system.save, state, step), sampler))
-            system.end_rep([step])
+            if step > opts.first_keep:
+                system.end_rep([step - opts.first_keep])
+        system.end_rep(list(range(max(1, step - opts.first_keep + 1), step + 1)))
         if opts.first_saves:
             dist.barrier()
             if ctx.rank == 0:
@@ -190,6 +199,9 @@ def rank_main(rank: int, world_size: int, opts: Options) -> dict[str, Any] | Non
     _system_modules()
     state, _model, _optim = _build_state(opts)
     ctx = RankContext(rank, world_size, opts.shm_dir, opts.disk_dir, opts.keep_last)
+    if opts.cold_wait_s:
+        dist.barrier()
+        time.sleep(opts.cold_wait_s)
     sampler = RssSampler(opts.rss_interval_s)
     rec = _bench_system(opts.system, state, opts, ctx, sampler)
     sampler.close()
@@ -268,6 +280,28 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="saves of a fresh job timed one by one before the warm-up (default 10)",
     )
     p.add_argument(
+        "--first-keep",
+        type=int,
+        default=None,
+        help="saves every system keeps during the first saves, deleting older ones as a job "
+        "rotating checkpoints on tmpfs would (default: tierckpt's memory_keep_last)",
+    )
+    p.add_argument(
+        "--first-gap-s",
+        type=float,
+        default=0.0,
+        help="idle seconds before each first save, standing for training between checkpoints "
+        "(default 0: back to back, the worst case)",
+    )
+    p.add_argument(
+        "--cold-wait-s",
+        type=float,
+        default=20.0,
+        help="idle seconds before a system's first saves: memory the previous system freed goes "
+        "back to the host (free page reporting), so every system starts on cold pages "
+        "(default 20; see README 'First saves')",
+    )
+    p.add_argument(
         "--keep-last",
         type=int,
         default=None,
@@ -292,7 +326,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="level of the tierckpt logger in the ranks (default ERROR; WARNING shows fallbacks)",
     )
     args = p.parse_args(argv)
+    if args.first_keep is None:
+        from tierckpt import CheckpointConfig
+
+        default_keep = CheckpointConfig.__dataclass_fields__["memory_keep_last"].default
+        args.first_keep = args.keep_last or default_keep
     if args.quick:
+        args.cold_wait_s = 0.0
         args.model = args.model or "tiny"
         args.reps = args.reps or 1
     args.model = args.model or "7b"
@@ -339,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "warmup": args.warmup,
             "first_saves": args.first_saves,
+            "first_keep": args.first_keep,
+            "first_gap_s": args.first_gap_s,
+            "cold_wait_s": args.cold_wait_s,
             "keep_last": args.keep_last,
             "systems": names,
             "about": {n: SYSTEMS[n].about for n in names},
@@ -367,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                     reps=args.reps,
                     warmup=args.warmup,
                     first_saves=args.first_saves,
+                    first_keep=args.first_keep,
+                    first_gap_s=args.first_gap_s,
+                    cold_wait_s=args.cold_wait_s if args.first_saves else 0.0,
                     keep_last=args.keep_last,
                     shm_dir=dirs.shm,
                     disk_dir=dirs.disk,

@@ -415,6 +415,11 @@ class TierckptMemory(_DCPSystem):
             **keep,  # type: ignore[arg-type]
         )
 
+    def prepare(self, state: State) -> None:
+        # What CheckpointManager.restore() does at a job's start: fill a spare in the
+        # background, so the first save copies into resident pages if training gives it time.
+        tierckpt.prefault(self.config(), state.dcp)
+
     def writer(self, step: int) -> Any:
         return tierckpt.TieredStorageWriter(self.config(), step=step, save_to_durable=self.durable)
 
