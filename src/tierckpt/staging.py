@@ -51,7 +51,8 @@ _BUDGET_LOCK = ".budget.lock"
 """Under the memory root: held while a rank checks the budget and allocates (node-wide)."""
 _FILLING = ".filling-"
 _SPARE = ".spare"
-"""Suffix of a pooled file that is allocated but was never written (a pre-allocated spare)."""
+"""Suffix of a pooled file no save has written yet (a spare: its pages hold zeros, or, for one
+whose fill a save stopped, are partly unallocated)."""
 
 
 _FILLS: dict[tuple[str, int], tuple[threading.Thread, threading.Event]] = {}
@@ -114,9 +115,9 @@ class StagingBuffer:
                 os.posix_fallocate(self._fd, 0, capacity)
             self.file_size = os.fstat(self._fd).st_size
             hits = _MAPPINGS.hits
-            # Pages allocated but never written (a new file, a spare) are filled with
-            # write(): tmpfs then skips zeroing them and there is no fault per 4 KiB page
-            # (about 2x faster here than copying through a mapping). Written pages are
+            # A new file or a spare is filled with write(): tmpfs then skips zeroing the
+            # pages it allocates and there is no fault per 4 KiB page (about 2x faster here
+            # than copying through a fresh mapping). Written pages are
             # mapped with MAP_POPULATE and copied into at memcpy speed.
             self.by_syscall = fresh and capacity > 0
             self._mmap = (
