@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import re
@@ -148,9 +149,7 @@ class StagingBuffer:
         hasher = xxhash.xxh3_128()
         for start in range(0, raw.nbytes, chunk):
             part = raw[start : start + chunk]
-            done = 0
-            while done < part.nbytes:
-                done += os.pwrite(self._fd, part[done:], offset + start + done)
+            _pwrite_all(self._fd, part, offset + start)
             hasher.update(part)
         digest = hasher.hexdigest()
         self._digests[offset] = (raw.nbytes, digest)
@@ -694,7 +693,17 @@ def _rank_tag(path: str) -> str:
     return f"r{m.group(1)}-" if m else ""
 
 
-_ZEROS = bytes(TOUCH_CHUNK)
+@functools.cache
+def _zeros() -> bytes:
+    """One chunk of zeros, made on the first fill (not at import in every process)."""
+    return bytes(TOUCH_CHUNK)
+
+
+def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+    """Write all of ``data`` at ``pos`` (``pwrite`` may write less than asked)."""
+    done = 0
+    while done < data.nbytes:
+        done += os.pwrite(fd, data[done:], pos + done)
 
 
 def _touch_gently(fd: int, nbytes: int, stop: threading.Event) -> None:
@@ -713,10 +722,7 @@ def _touch_gently(fd: int, nbytes: int, stop: threading.Event) -> None:
         t0 = time.perf_counter()
         length = min(TOUCH_CHUNK, nbytes - start)
         os.posix_fallocate(fd, start, length)
-        view = memoryview(_ZEROS)[:length]
-        done = 0
-        while done < length:
-            done += os.pwrite(fd, view[done:], start + done)
+        _pwrite_all(fd, memoryview(_zeros())[:length], start)
         stop.wait(time.perf_counter() - t0)
 
 
