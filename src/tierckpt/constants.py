@@ -41,6 +41,9 @@ TOUCH_CHUNK = 8 << 20
 idle); a save that needs the spare waits at most one chunk for it."""
 ORPHANS_POOLED = 4
 """Staging files of dead writers kept (per namespace) as pooled buffers; the rest are deleted."""
+DIR_TRIES = 8
+"""Times a file is put into a step directory made for it, when a concurrent sweep keeps
+removing that directory (found empty) first."""
 
 # -- durable drains --
 COMMIT_POLL_FIRST_S = 0.02

@@ -19,6 +19,9 @@ from collections.abc import Iterator
 __all__ = ["LEASE_DIR", "AttemptLease", "is_live", "lease_name", "node_lock", "sweep_leases"]
 
 LEASE_DIR = ".leases"
+_NEW = ".new-"
+"""Infix of a lease's private name while it is being taken."""
+_NEW_TRIES = 8
 
 
 def lease_name(attempt: str, rank: int) -> str:
@@ -37,11 +40,25 @@ class AttemptLease:
         self.path = _path(namespace_dir, name)
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         # Lock a private name first, then rename it into place: the lease never appears
-        # unlocked, so a concurrent sweep cannot mistake it for an abandoned one.
-        tmp = f"{self.path}.new-{secrets.token_hex(4)}"
-        self._fd: int | None = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        os.rename(tmp, self.path)
+        # unlocked, so a concurrent sweep cannot mistake it for an abandoned one. A sweep
+        # removes private names left unlocked (a writer killed before its rename), so one
+        # may go before it is locked: the rename then fails and a new name is taken.
+        for tries_left in range(_NEW_TRIES - 1, -1, -1):
+            tmp = f"{self.path}{_NEW}{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os.rename(tmp, self.path)
+            except FileNotFoundError:
+                os.close(fd)
+                if tries_left == 0:
+                    raise
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            break
+        self._fd: int | None = fd
 
     def release(self) -> None:
         """Drop the lease: unlink first, so its name is never seen unlocked while held."""
@@ -85,14 +102,15 @@ def is_live(namespace_dir: str, name: str) -> bool:
 
 
 def sweep_leases(namespace_dir: str) -> int:
-    """Remove lease files no process holds (their owners died or finished); returns the count."""
+    """Remove lease files no process holds (their owners died or finished, or were killed
+    while taking one: private ``.new-`` names); returns the count."""
     removed = 0
     with (
         contextlib.suppress(FileNotFoundError),
         os.scandir(os.path.join(namespace_dir, LEASE_DIR)) as it,
     ):
         for e in it:
-            if ".new-" in e.name or is_live(namespace_dir, e.name):
+            if is_live(namespace_dir, e.name):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.remove(e.path)

@@ -10,6 +10,7 @@ plans and write results into the plain data these functions take.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import time
@@ -30,7 +31,7 @@ from .manifest import BlobInfo, CommitRecord, RankEntry, RankManifest, checksum,
 from .peer.placement import Peers
 from .retention import make_room, sweep
 from .staging import PrivateBuffer, StagingBuffer, StagingPool, align, is_full, tensor_bytes
-from .tiers.directory import remove_quietly
+from .tiers.directory import in_made_dir, remove_quietly
 from .tiers.memory import MemoryTier
 
 __all__ = [
@@ -222,9 +223,8 @@ def write_rank_part(
         buffer.close()
         if blobs:
             target = memory.path(layout.step_key(ns, step, fname))
-            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
             crash_point("save.before_rename")
-            os.rename(buffer.path, target)
+            in_made_dir(target, functools.partial(os.rename, buffer.path, target))
             crash_point("save.after_rename")
         else:
             release_buffer(memory, config, buffer)

@@ -14,8 +14,9 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+from ..constants import DIR_TRIES
 from ..errors import PeerError
 from ..tiers.base import KeyNotFoundError
 
@@ -83,6 +84,28 @@ class Root:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise _refused(key, e) from e
             raise
+
+    def open_new(self, key: str, open_in: Callable[[int], int]) -> tuple[int, int]:
+        """``(descriptor of key's directory, open_in(that descriptor))``: a new file opened
+        in key's directory, made first (mode 0700). The caller closes both.
+
+        Retention removes step directories it finds empty, so the directory may go between
+        its creation and the file; it is then made again (``open_in`` failed with
+        ``FileNotFoundError`` in a removed directory) a few times.
+        """
+        for tries_left in range(DIR_TRIES - 1, -1, -1):
+            dfd, _name = self.open_parent(key, create=True)
+            try:
+                return dfd, open_in(dfd)
+            except FileNotFoundError:
+                removed = os.fstat(dfd).st_nlink == 0
+                os.close(dfd)
+                if tries_left == 0 or not removed:
+                    raise
+            except BaseException:
+                os.close(dfd)
+                raise
+        raise AssertionError("unreachable")
 
     @contextlib.contextmanager
     def parent(self, key: str) -> Iterator[tuple[int, str]]:

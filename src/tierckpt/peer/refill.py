@@ -21,6 +21,7 @@ from ..config import CheckpointConfig
 from ..errors import IntegrityError
 from ..manifest import CommitRecord, RankEntry, RankManifest, checksum
 from ..retention import make_room
+from ..tiers.directory import in_made_dir
 from ..tiers.memory import MemoryTier
 from .tier import PeerTier
 from .transport import PeerClient
@@ -133,9 +134,8 @@ def _copy_file(memory: MemoryTier, client: PeerClient, key: str, info: dict[str,
     """One data file, received into a temporary, verified per blob, renamed into place."""
     size = int(info["size"])  # type: ignore[call-overload]
     target = memory.path(key)
-    os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
     tmp = f"{target}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = in_made_dir(tmp, lambda: os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         os.ftruncate(fd, size)
         if size:

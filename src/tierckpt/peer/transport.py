@@ -324,23 +324,30 @@ class PeerService:
         checksum mismatch) is returned, to be answered; a transport failure while they flow
         raises (the connection is dropped). Either way the temporary is gone on return.
         """
+        name = key.rsplit("/", 1)[-1]
+        tmp = temporary_name(name)
+        recycled = False
+
+        def open_tmp(dfd: int) -> int:
+            nonlocal recycled
+            where = os.path.join(self.root.path, os.path.dirname(key), tmp)
+            recycled = (
+                bool(length) and self._recycled is not None and self._recycled(key, length, where)
+            )
+            if recycled:  # a resident file of the receiver's pool: pages written, not faulted
+                return os.open(tmp, os.O_RDWR | os.O_NOFOLLOW, dir_fd=dfd)
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            return os.open(tmp, flags, 0o600, dir_fd=dfd)
+
         try:
-            dfd, name = self.root.open_parent(key, create=True)
+            dfd, fd = self.root.open_new(key, open_tmp)
         except (TierckptError, OSError) as e:
             return e
-        tmp = temporary_name(name)
-        fd = -1
         try:
             try:
-                where = os.path.join(self.root.path, os.path.dirname(key), tmp)
-                if self._recycled is not None and length and self._recycled(key, length, where):
-                    # A resident file of the receiver's pool: its pages are written, not faulted.
-                    fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW, dir_fd=dfd)
+                if recycled:
                     os.ftruncate(fd, length)
                 else:
-                    fd = os.open(
-                        tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd
-                    )
                     self._allocate(fd, key, length)
             except (TierckptError, OSError) as e:
                 return e
@@ -399,12 +406,11 @@ class PeerService:
         self._published(conn, key)
 
     def _write_small(self, key: str, data: bytearray) -> None:
-        dfd, name = self.root.open_parent(key, create=True)
+        name = key.rsplit("/", 1)[-1]
         tmp = temporary_name(name)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        dfd, fd = self.root.open_new(key, lambda d: os.open(tmp, flags, 0o600, dir_fd=d))
         try:
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd
-            )
             try:
                 self._allocate(fd, key, len(data))
                 view, done = memoryview(data), 0

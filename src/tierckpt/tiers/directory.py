@@ -10,12 +10,16 @@ import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from .._faults import crash_point
+from ..constants import DIR_TRIES
 from ..errors import DurableUnavailableError, TierFullError
 from .base import Buffer, KeyNotFoundError
 
-__all__ = ["DirectoryTier", "fsync_dir", "remove_quietly"]
+__all__ = ["DirectoryTier", "fsync_dir", "in_made_dir", "remove_quietly"]
+
+_T = TypeVar("_T")
 
 _TMP_MARK = ".tmp-"
 _OWN_TMP = re.compile(r"(?P<key>.+)\.tmp-\d+(?:-[0-9a-f]{16})?")
@@ -113,9 +117,19 @@ class DirectoryTier:
         if self.durable_sync:
             fsync_dir(os.path.dirname(final))
 
-    def write(self, key: str, chunks: Iterable[Buffer]) -> int:
-        self._makedirs(key)
+    def _new_tmp(self, key: str) -> str:
+        """A new, empty temporary of ``key``, in its directory (created first, again if a
+        sweep removed it meanwhile, see :func:`in_made_dir`)."""
         tmp = self._tmp_path(key)
+        in_made_dir(
+            tmp,
+            lambda: os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)),
+            makedirs=lambda: self._makedirs(key),
+        )
+        return tmp
+
+    def write(self, key: str, chunks: Iterable[Buffer]) -> int:
+        tmp = self._new_tmp(key)
         total = 0
         try:
             with open(tmp, "wb", buffering=0) as f:
@@ -140,8 +154,7 @@ class DirectoryTier:
 
     def put_file(self, key: str, path: str, progress: Callable[[int], None] | None = None) -> int:
         """Copy a local file in (atomic); ``progress(nbytes)`` is told as chunks land."""
-        self._makedirs(key)
-        tmp = self._tmp_path(key)
+        tmp = self._new_tmp(key)
         try:
             if progress is None:
                 shutil.copyfile(path, tmp)
@@ -246,6 +259,30 @@ class DirectoryTier:
     def usage_bytes(self) -> int:
         """Bytes held under the root (every namespace)."""
         return sum(self.list("").values()) if os.path.isdir(self.root) else 0
+
+
+def in_made_dir(
+    path: str, make: Callable[[], _T], *, makedirs: Callable[[], None] | None = None
+) -> _T:
+    """``make()`` the entry ``path`` (a file created or renamed there) in a directory that
+    ``makedirs`` (default: ``os.makedirs``, mode 0700) creates first.
+
+    Retention removes step directories it finds empty, so a directory may vanish between
+    its creation and its first entry; ``make`` then fails with ``FileNotFoundError`` and is
+    retried. Any other missing path (a rename's source) is raised at once.
+    """
+    parent = os.path.dirname(path)
+    for tries_left in range(DIR_TRIES - 1, -1, -1):
+        if makedirs is None:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        else:
+            makedirs()
+        try:
+            return make()
+        except FileNotFoundError:
+            if tries_left == 0 or os.path.isdir(parent):
+                raise
+    raise AssertionError("unreachable")
 
 
 def fsync_dir(path: str) -> None:
