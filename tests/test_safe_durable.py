@@ -22,7 +22,7 @@ import torch.distributed.checkpoint as dcp
 
 import tierckpt
 import workers_durable as wd
-from distworkers import ListHandler, step_dirs, wait_for
+from distworkers import ListHandler, durable_root, step_dirs, wait_for
 from faultproxy import FaultProxy
 from fixtures_dist import launch_ranks, run_ranks
 from fixtures_s3 import S3Server
@@ -288,3 +288,34 @@ def test_d11_the_retry_pinning_and_exit_knobs_are_validated_with_a_typed_error(
 ) -> None:
     with pytest.raises(tierckpt.ConfigError, match=next(iter(bad))):
         CheckpointConfig(namespace="knobs", world_size=1, **bad)
+
+
+# --------------------------------------------------------------------------- store signals
+
+
+def test_the_durable_commit_is_woken_through_the_job_store_not_by_polling_the_tier(
+    config_factory: Any,
+) -> None:
+    cfg = config_factory()
+    coordinator, other = run_ranks(wd.w_drain_woken_through_the_store, 2, cfg, 2.0, False)
+    for res in (coordinator, other):
+        assert res["durable"]["ok"], res["durable"]
+        assert res["drains_idle"], res
+    # rank 1 uploads 2 s late: polling would list the tier ~10 times meanwhile (20 ms,
+    # growing 1.5x); woken by the store each waiter lists it once to confirm.
+    assert coordinator["listings"] <= 2, coordinator["listings"]
+    assert other["listings"] <= 2, other["listings"]
+    assert coordinator["durable"]["s"] > 1.5, coordinator["durable"]
+    assert other["durable"]["s"] < coordinator["durable"]["s"] + 1.0, (other, coordinator)
+    commits = [m for _lvl, m in coordinator["logs"] if "Durable commit written" in m]
+    assert commits and "signalled through the job store" in commits[0], commits
+    assert os.path.exists(os.path.join(durable_root(cfg), cfg.namespace, "step_1", "COMMIT"))
+
+
+def test_drains_that_outlive_destroy_process_group_still_commit(config_factory: Any) -> None:
+    cfg = config_factory()
+    coordinator, other = run_ranks(wd.w_drain_woken_through_the_store, 2, cfg, 0.5, True)
+    for res in (coordinator, other):
+        assert res["durable"]["ok"], res["durable"]
+        assert res["drains_idle"], res
+    assert os.path.exists(os.path.join(durable_root(cfg), cfg.namespace, "step_1", "COMMIT"))

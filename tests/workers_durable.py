@@ -186,3 +186,43 @@ def w_resume(rank: int, world_size: int, cfg: CheckpointConfig) -> dict[str, Any
     out = {"resume": _outcome(tierckpt.resume_pending(cfg), timeout=60)}
     dist.barrier()
     return out
+
+
+# --------------------------------------------------------------------------- store signals
+
+
+def w_drain_woken_through_the_store(
+    rank: int, world_size: int, cfg: CheckpointConfig, hold_s: float, destroy: bool
+) -> dict[str, Any]:
+    """Rank 1 starts its upload ``hold_s`` late; every listing of the durable tier made by
+    this process during the drain is counted. With ``destroy`` the process group is gone
+    before the drains start (drains that outlive ``destroy_process_group``)."""
+    from tierckpt.catalog import StepCatalog
+    from tierckpt.tiers.memory import MemoryTier
+
+    handler = capture_logs(cfg, f"tierckpt-test-signals-{rank}")
+    listings = []
+    real_files = StepCatalog.files
+
+    def counted(self: StepCatalog, step: int) -> dict[str, int]:
+        if not isinstance(self.tier, MemoryTier):
+            listings.append(time.monotonic())
+        return real_files(self, step)
+
+    StepCatalog.files = counted  # type: ignore[method-assign]
+    w = HeldDrainWriter(cfg, step=1, save_to_durable=True)
+    dcp.save(state(1, rank), storage_writer=w)
+    dist.barrier()
+    if destroy:
+        dist.destroy_process_group()
+    if rank == 1:
+        time.sleep(hold_s)
+    t0 = time.monotonic()
+    w.release()
+    out: dict[str, Any] = {"durable": _outcome(w.durable_done, timeout=60)}
+    out["listings"] = len([t for t in listings if t >= t0])
+    out["drains_idle"] = tierckpt.wait_for_drains()
+    out["logs"] = handler.records
+    if not destroy:
+        dist.barrier()
+    return out

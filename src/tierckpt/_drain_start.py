@@ -20,6 +20,7 @@ from .drain import (
     upload_rank_part,
     watch_durable_commit,
 )
+from .drain_signals import DrainSignals, job_signals
 from .durable_retention import sweep_durable
 from .errors import DurableTierError, TierckptError
 from .manifest import CommitRecord, RankManifest
@@ -51,8 +52,10 @@ def watch_commit(
     rank: int,
     done: Future[None],
     after: Future[int] | None = None,
+    signals: DrainSignals | None = None,
 ) -> None:
-    """Resolve ``done`` once the durable tier has committed ``step`` (after ``after``)."""
+    """Resolve ``done`` once the durable tier has committed ``step`` (after ``after``);
+    woken through the job's store when ``signals`` are given."""
     timeout, log = config.durable_commit_timeout_s, logger_for(config)
     ns = config.namespace
 
@@ -60,7 +63,7 @@ def watch_commit(
         try:
             if after is not None:
                 after.result()
-            watch_durable_commit(durable, ns, step, attempt, rank, timeout, log)
+            watch_durable_commit(durable, ns, step, attempt, rank, timeout, log, signals)
             done.set_result(None)
         except BaseException as e:
             done.set_exception(as_drain_error(e, step))
@@ -82,6 +85,7 @@ def start_upload(
     log = logger_for(config)
     ns = config.namespace
     step, attempt, rank = manifest.step, manifest.attempt, manifest.rank
+    signals = job_signals(log)
 
     def upload_part() -> int:
         try:
@@ -91,7 +95,11 @@ def start_upload(
             )
         except BaseException as e:
             note_failure(config, step, attempt, rank, e, log)  # retried in the background
+            if signals is not None:
+                signals.part_done(ns, step, attempt, rank, f"{type(e).__name__}: {e}")
             raise
+        if signals is not None:
+            signals.part_done(ns, step, attempt, rank)
         if not coordinator:  # the coordinator's part succeeds with its durable commit
             note_success(config, rank)
         return total
@@ -102,7 +110,7 @@ def start_upload(
         exit_note=(log, step_message(rank, step, "This rank's durable upload")),
     )
     if not coordinator:  # the coordinator chains the durable commit after the memory commit
-        watch_commit(config, durable, step, attempt, rank, done, after=upload)
+        watch_commit(config, durable, step, attempt, rank, done, after=upload, signals=signals)
     return upload
 
 
@@ -121,6 +129,8 @@ def start_durable_commit(
     """Commit ``record`` in the durable tier in the background, after this rank's upload."""
     timeout, log = config.durable_commit_timeout_s, logger_for(config)
     t0 = time.perf_counter()
+    signals = job_signals(log)
+    others = [(r.attempt, r.rank) for r in record.ranks if (r.attempt, r.rank) != (attempt, rank)]
 
     def commit() -> None:
         try:
@@ -134,8 +144,11 @@ def start_durable_commit(
                 log,
                 metadata=metadata,
                 coordinator=(attempt, rank),
+                signals=signals,
             )
         except BaseException as e:
+            if signals is not None:
+                signals.committed(record.namespace, record.step, others, f"{type(e).__name__}: {e}")
             note_failure(config, record.step, attempt, rank, e, log)
             metrics.observe_drain(config.namespace, time.perf_counter() - t0, 0, ok=False)
             done.set_exception(as_drain_error(e, record.step))
@@ -150,6 +163,8 @@ def start_durable_commit(
             sum(max(n, 0) for n in record.files().values()),
             ok=True,
         )
+        if signals is not None:
+            signals.committed(record.namespace, record.step, others)
         done.set_result(None)
         note_success(config, rank)
         sweep_durable(config, durable, log)

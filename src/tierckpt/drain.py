@@ -2,9 +2,11 @@
 
 Every rank uploads its own part (data files, then its manifest, which marks the part
 complete). The coordinator then waits for every rank's manifest, writes the DCP
-metadata and, last, the commit record. Coordination goes through the durable tier
-itself, never through the training process group (invariant 6). A rank whose upload
-fails leaves a ``.failed`` marker there, so the coordinator stops waiting at once.
+metadata and, last, the commit record. What is committed is decided from the durable tier
+itself, never through the training process group (invariant 6). Within a job the waits are
+woken through the job's store (:mod:`tierckpt.drain_signals`): one listing then confirms;
+without it they poll the tier. A rank whose upload fails leaves a ``.failed`` marker there
+(and says so through the store), so the coordinator stops waiting at once.
 
 The background threads and the exit wait live in :mod:`tierckpt._exit` (re-exported here).
 """
@@ -23,7 +25,14 @@ from ._faults import crash_point
 from ._log import rate, step_message
 from ._runtime import RUNTIME
 from .catalog import StepCatalog
-from .constants import COMMIT_POLL_FIRST_S, COMMIT_POLL_MAX_S
+from .constants import (
+    COMMIT_POLL_FIRST_S,
+    COMMIT_POLL_MAX_S,
+    COMMIT_TIER_CHECK_S,
+    STORE_POLL_FIRST_S,
+    STORE_POLL_MAX_S,
+)
+from .drain_signals import DrainSignals
 from .errors import DurableTierError, DurableUnavailableError
 from .manifest import CommitRecord, RankManifest
 from .progress import Progress
@@ -152,6 +161,40 @@ def in_flight(namespace: str, step: int, attempt: str, rank: int) -> bool:
         return uploading or (namespace, step, attempt) in drains.committing
 
 
+def _await(
+    check: Callable[[], bool],
+    deadline: float,
+    signalled: Callable[[], str | None] | None,
+    on_failed: Callable[[str], None],
+) -> bool:
+    """True once ``check()`` (a look at the durable tier) is, False at ``deadline``.
+
+    With ``signalled`` (a look at the job store's keys, see :mod:`tierckpt.drain_signals`)
+    the tier is looked at when the store says the parts are there, or failed (then
+    ``on_failed(what it said)`` unless the tier has them after all), and every
+    ``COMMIT_TIER_CHECK_S`` meanwhile; without it, or once the store fails, it is polled.
+    """
+    if signalled is None:
+        return _poll(check, deadline)
+    delay = STORE_POLL_FIRST_S
+    next_look = time.monotonic() + COMMIT_TIER_CHECK_S
+    while True:
+        said = signalled()
+        now = time.monotonic()
+        if said is not None or now >= next_look:
+            if check():
+                return True
+            if said is not None and said.startswith("failed"):
+                on_failed(said)
+            if said is not None:  # said "ok" but the tier disagrees: the tier decides
+                return _poll(check, deadline)
+            next_look = now + COMMIT_TIER_CHECK_S
+        if now >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 1.5, STORE_POLL_MAX_S)
+
+
 def _poll(check: Callable[[], bool], deadline: float) -> bool:
     delay = COMMIT_POLL_FIRST_S
     while True:
@@ -172,18 +215,20 @@ def commit_durable(
     *,
     metadata: bytes | None = None,
     coordinator: tuple[str, int] | None = None,
+    signals: DrainSignals | None = None,
 ) -> None:
     """Coordinator: once every rank's part is durable, write metadata and then the commit.
 
     Stops waiting at once, with a :class:`DurableTierError` naming the rank, when a part
-    that is still missing has a failure marker.
+    that is still missing has a failure marker (or its rank signalled a failure). With
+    ``signals`` the wait is woken through the job's store instead of polling the tier.
     """
     job = (record.namespace, record.step, record.attempt)
     drains = RUNTIME.drains
     with drains.lock:
         drains.committing.add(job)
     try:
-        _commit_durable(memory, durable, record, timeout_s, log, metadata, coordinator)
+        _commit_durable(memory, durable, record, timeout_s, log, metadata, coordinator, signals)
     finally:
         with drains.lock:
             drains.committing.discard(job)
@@ -197,8 +242,10 @@ def _commit_durable(
     log: logging.Logger,
     metadata: bytes | None,
     coordinator: tuple[str, int] | None,
+    signals: DrainSignals | None,
 ) -> None:
     t0 = time.perf_counter()
+    deadline = time.monotonic() + timeout_s
     catalog = StepCatalog(durable, record.namespace, log)
     needed = {r.manifest for r in record.ranks}
     missing: list[str] = []
@@ -228,7 +275,24 @@ def _commit_durable(
             )
         return not missing
 
-    if not _poll(all_parts_there, time.monotonic() + timeout_s):
+    ranks = [(r.attempt, r.rank) for r in record.ranks]
+
+    def part_failed(said: str) -> None:
+        raise DurableTierError(
+            f"Step {record.step}: the durable commit in {durable.url} stopped waiting: a "
+            f"rank's upload {said}. The step stays committed in memory; its drain is "
+            "retried in the background and resumed by the next writer or reader."
+        )
+
+    woken: list[str] = []  # what the store said, for the log line
+
+    def parts_signalled() -> str | None:
+        said = None if signals is None else signals.parts(record.namespace, record.step, ranks)
+        woken.extend([said] if said is not None else [])
+        return said
+
+    signalled = None if signals is None else parts_signalled
+    if not _await(all_parts_there, deadline, signalled, part_failed):
         raise DurableTierError(
             f"Step {record.step}: the durable commit gave up after {timeout_s}s waiting for "
             f"{missing} in {durable.url}; those ranks' uploads failed or their processes died. "
@@ -250,7 +314,8 @@ def _commit_durable(
         step_message(
             0,
             record.step,
-            f"Durable commit written in {time.perf_counter() - t0:.3f}s ({durable.url})",
+            f"Durable commit written in {time.perf_counter() - t0:.3f}s ({durable.url}; the "
+            + ("parts signalled through the job store)" if woken else "parts polled)"),
         )
     )
 
@@ -263,12 +328,15 @@ def watch_durable_commit(
     rank: int,
     timeout_s: float,
     log: logging.Logger,
+    signals: DrainSignals | None = None,
 ) -> None:
     """Non-coordinators: wait until the durable commit of ``step`` includes this rank's attempt.
 
     Ends at once, typed, when this rank's part has a failure marker (its upload, maybe in
-    another process, failed).
+    another process, failed) or the coordinator signalled that the commit failed. With
+    ``signals`` the wait is woken through the job's store instead of polling the tier.
     """
+    deadline = time.monotonic() + timeout_s
     catalog = StepCatalog(durable, namespace, log)
     failed = layout.failed_name(attempt, rank)
 
@@ -288,7 +356,16 @@ def watch_durable_commit(
             )
         return False
 
-    if not _poll(committed, time.monotonic() + timeout_s):
+    def commit_failed(said: str) -> None:
+        raise DurableTierError(
+            f"Step {step}: the coordinator's durable commit {said}; the step stays committed "
+            "in memory and its drain is retried."
+        )
+
+    signalled = (
+        None if signals is None else lambda: signals.commit_of(namespace, step, attempt, rank)
+    )
+    if not _await(committed, deadline, signalled, commit_failed):
         raise DurableTierError(
             f"Step {step}: no durable commit including rank {rank} appeared in {durable.url} "
             f"within {timeout_s}s; see the coordinator's log for the cause."
