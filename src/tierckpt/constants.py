@@ -52,7 +52,7 @@ COMMIT_POLL_MAX_S = 1.0
 """Longest delay between those checks."""
 STORE_POLL_FIRST_S = 0.005
 """Within a job: first delay between checks of the job store's drain keys (grows 1.5x)."""
-STORE_POLL_MAX_S = 0.1
+STORE_POLL_MAX_S = 0.02
 """Longest delay between those checks."""
 COMMIT_TIER_CHECK_S = 5.0
 """Within a job: how often the durable tier is still listed while the store is silent (for

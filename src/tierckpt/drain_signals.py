@@ -14,17 +14,22 @@ seconds (``COMMIT_TIER_CHECK_S``). The store is the one the process group was ma
 deleted once read. The signals keep the job's store object alive, so drains that outlive
 ``destroy_process_group`` still reach it. Where there is no process group (a single
 process, DCP's process-based async saves, a drain resumed after a restart) or the store
-fails, the drain polls the durable tier as before. No collective is issued (invariant 6):
+fails, or with ``TIERCKPT_DRAIN_STORE=0``, the drain polls the durable tier as before. No collective is issued (invariant 6):
 store requests are point-to-point.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
-__all__ = ["DrainSignals", "job_signals"]
+__all__ = ["STORE_ENV", "DrainSignals", "job_signals"]
+
+STORE_ENV = "TIERCKPT_DRAIN_STORE"
+"""Set to ``0`` to poll the durable tier instead of using the job store (for comparison, or
+where the store must carry nothing else)."""
 
 _FAILED = b"failed: "
 
@@ -127,6 +132,8 @@ def job_signals(log: logging.Logger | None = None) -> DrainSignals | None:
     threads hold the result, and with it the store, only while they run (a process group
     made again later, by in-process recovery, gets a store of its own).
     """
+    if os.environ.get(STORE_ENV, "1") == "0":
+        return None
     try:
         import torch.distributed as dist
 
