@@ -31,6 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from . import metrics
+from ._dist import dist_ready
 from ._log import logger_for
 from .api import _typed
 from .api import load as tierckpt_load
@@ -57,10 +58,6 @@ class PendingSave:
     durable_done: Future[None]
     """Completes when the step is committed in the durable tier (at once if not durable)."""
     started: float
-
-
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 class CheckpointManager:
@@ -109,12 +106,12 @@ class CheckpointManager:
         )
         self.async_save = async_save
         self.grace_s, self.exit_code = float(grace_s), exit_code
-        self.rank = dist.get_rank() if _dist() else 0
-        world = dist.get_world_size() if _dist() else 1
+        self.rank = dist.get_rank() if dist_ready() else 0
+        world = dist.get_world_size() if dist_ready() else 1
         self._save_pg = process_group
         self._own_pg = process_group is not None
         self._decide_pg: dist.ProcessGroup | None = None
-        if _dist() and world > 1:
+        if dist_ready() and world > 1:
             if self._save_pg is None:
                 self._save_pg = dist.new_group(backend="gloo")
             self._decide_pg = dist.new_group(backend="gloo")
@@ -297,7 +294,7 @@ class CheckpointManager:
             with contextlib.suppress(BaseException):
                 pending.committed.result(timeout=timeout_s + 5.0)
         self._durable_futures = []
-        if not _dist():
+        if not dist_ready():
             return
         self.rank = dist.get_rank()
         limit = datetime.timedelta(seconds=timeout_s)

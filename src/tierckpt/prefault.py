@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
+from ._dist import process_rank
 from .config import CheckpointConfig, require_config
 from .dcp._stage import staged_sizes
 from .nodemem import hold_namespace
@@ -76,6 +76,6 @@ def prefault(config: CheckpointConfig, state: dict[str, Any]) -> bool:
     memory = open_memory_tier(config)
     memory.ensure_root(config.namespace)
     hold_namespace(config, memory)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = process_rank()
     pool = StagingPool(memory, config.namespace)
     return pool.prefault_spare(nbytes, config.memory_budget_bytes, rank) is not None

@@ -42,6 +42,7 @@ __all__ = [
     "StagingPool",
     "budget_lock",
     "is_full",
+    "pwrite_all",
     "release_deleted_mappings",
     "tensor_bytes",
 ]
@@ -149,7 +150,7 @@ class StagingBuffer:
         hasher = xxhash.xxh3_128()
         for start in range(0, raw.nbytes, chunk):
             part = raw[start : start + chunk]
-            _pwrite_all(self._fd, part, offset + start)
+            pwrite_all(self._fd, part, offset + start)
             hasher.update(part)
         digest = hasher.hexdigest()
         self._digests[offset] = (raw.nbytes, digest)
@@ -693,17 +694,17 @@ def _rank_tag(path: str) -> str:
     return f"r{m.group(1)}-" if m else ""
 
 
-@functools.cache
-def _zeros() -> bytes:
-    """One chunk of zeros, made on the first fill (not at import in every process)."""
-    return bytes(TOUCH_CHUNK)
-
-
-def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+def pwrite_all(fd: int, data: memoryview, pos: int) -> None:
     """Write all of ``data`` at ``pos`` (``pwrite`` may write less than asked)."""
     done = 0
     while done < data.nbytes:
         done += os.pwrite(fd, data[done:], pos + done)
+
+
+@functools.cache
+def _zeros() -> bytes:
+    """One chunk of zeros, made on the first fill (not at import in every process)."""
+    return bytes(TOUCH_CHUNK)
 
 
 def _touch_gently(fd: int, nbytes: int, stop: threading.Event) -> None:
@@ -722,7 +723,7 @@ def _touch_gently(fd: int, nbytes: int, stop: threading.Event) -> None:
         t0 = time.perf_counter()
         length = min(TOUCH_CHUNK, nbytes - start)
         os.posix_fallocate(fd, start, length)
-        _pwrite_all(fd, memoryview(_zeros())[:length], start)
+        pwrite_all(fd, memoryview(_zeros())[:length], start)
         stop.wait(time.perf_counter() - t0)
 
 

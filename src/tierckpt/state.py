@@ -22,14 +22,11 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ._dist import process_rank
+
 __all__ = ["Batches", "ModelState", "PerRank", "RNGState", "ResumableIterator", "TrainingState"]
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class ModelState:
@@ -71,7 +68,7 @@ class PerRank:
         self.rank = rank
 
     def _key(self) -> str:
-        return f"rank_{_rank() if self.rank is None else self.rank}"
+        return f"rank_{process_rank() if self.rank is None else self.rank}"
 
     def state_dict(self) -> dict[str, Any]:
         return {self._key(): self.obj.state_dict()}
@@ -88,7 +85,7 @@ class RNGState:
         self.rank = rank
 
     def _key(self) -> str:
-        return f"rank_{_rank() if self.rank is None else self.rank}"
+        return f"rank_{process_rank() if self.rank is None else self.rank}"
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 
 from .. import layout, metrics
 from .._collective import arrive
+from .._dist import dist_ready
 from .._exit import run_in_background
 from .._log import logger_for, megabytes, rate, step_message, summary
 from ..config import CheckpointConfig, require_config
@@ -64,7 +65,7 @@ class TieredStorageReader(StorageReader):
         self.requested_step = layout.parse_step(step) if step is not None else None
         self.step: int | None = None
         self.bytes_read_by_tier: dict[str, int] = {"memory": 0, "peer": 0, "durable": 0}
-        self.rank = dist.get_rank() if _dist_ready() else 0
+        self.rank = dist.get_rank() if dist_ready() else 0
         self.log = logger_for(config)
         # The durable tier is opened lazily: memory restores never wait for it to answer.
         self.finder = Finder(
@@ -117,7 +118,7 @@ class TieredStorageReader(StorageReader):
 
     def _all_gather(self, view: Any) -> list[Any]:
         """Every rank's view, in rank order (this rank's alone without torch.distributed)."""
-        if not _dist_ready():
+        if not dist_ready():
             return [view]
         arrive(
             "reader",
@@ -294,7 +295,3 @@ def _unpickle_metadata(data: Buffer) -> Metadata | None:
     """DCP metadata from its verified bytes; None when they hold something else."""
     metadata = pickle.loads(data)
     return metadata if isinstance(metadata, Metadata) else None
-
-
-def _dist_ready() -> bool:
-    return dist.is_available() and dist.is_initialized()

@@ -16,13 +16,13 @@ from concurrent.futures import Future
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from .. import layout, metrics
+from .._dist import process_rank
 from .._drain_start import start_durable_commit, start_upload, watch_commit
 from .._log import logger_for, megabytes, step_message, summary
 from ..config import CheckpointConfig, require_config
@@ -146,13 +146,9 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             self.durable,
             self.step,
             self.attempt,
-            self._rank_guess(),
+            process_rank(),
             self.durable_done,
         )
-
-    @staticmethod
-    def _rank_guess() -> int:
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     # -- StorageWriter --
 
@@ -175,7 +171,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         turn, self._turn = self._turn or take_turn(self.config, self.step), None
         turn.run(self.config)
         self.is_coordinator = is_coordinator
-        self.rank = int(kwargs.get("rank", self._rank_guess()))
+        self.rank = int(kwargs.get("rank", process_rank()))
         if self._staged_attempt:
             self._staged_attempt = False  # stage() began this save's attempt
         else:
@@ -222,7 +218,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         memory tier; replicated tensors of a multi-rank job into a private, reused buffer
         (DCP's plan gives each to one rank, and only that rank copies it into the tier)."""
         t0 = time.perf_counter()
-        rank = self._rank_guess()
+        rank = process_rank()
         sizes = staged_sizes(state_dict, replicated_private=self.config.world_size > 1)
         self._begin_attempt(rank)
         self._staged_attempt = True

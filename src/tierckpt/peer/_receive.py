@@ -12,13 +12,13 @@ still read, so the connection stays in step and the refusal can be answered.
 
 from __future__ import annotations
 
-import os
 import queue
 import socket
 import threading
 
 import xxhash
 
+from ..staging import pwrite_all
 from ._wire import CHUNK, recv_into_exact
 
 __all__ = ["RING", "Blob", "Receipt", "receive_file"]
@@ -64,12 +64,6 @@ class Receipt:
         self.write_error = write_error
 
 
-def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], pos + done)
-
-
 def receive_file(sock: socket.socket, fd: int, length: int, blobs: list[Blob]) -> Receipt:
     """Receive ``length`` bytes from ``sock`` into ``fd`` at offset 0, hashing every blob.
 
@@ -105,7 +99,7 @@ def receive_file(sock: socket.socket, fd: int, length: int, blobs: list[Blob]) -
             part = buffers[i][:n]
             if not failed:
                 try:
-                    _pwrite_all(fd, part, pos)
+                    pwrite_all(fd, part, pos)
                 except OSError as e:
                     failed.append(e)
             done(i)
@@ -148,7 +142,7 @@ def _receive_inline(sock: socket.socket, fd: int, length: int, hashers: _Hashers
         if error is None:
             hashers.update(pos, part)
             try:
-                _pwrite_all(fd, part, pos)
+                pwrite_all(fd, part, pos)
             except OSError as e:
                 error = e
         pos += len(part)
