@@ -6,6 +6,8 @@ saves"); the spare is filled in the background and the save takes it over, also 
 
 from __future__ import annotations
 
+import os
+
 import workers_prefault as wp
 from fixtures_dist import run_ranks
 
@@ -37,3 +39,19 @@ def test_manager_restore_on_a_fresh_job_prefaults_the_first_save(config_factory)
     # Model (2 x 1 MiB + biases) and an AdamW estimate of two moments per parameter.
     assert res["spare_size"] >= 3 * 2 * 512 * 512 * 4, res
     assert res["used_spare"].endswith("-r0.data"), f"the first save wrote a new file: {res}"
+
+
+def test_a_finished_fill_leaves_no_entry_in_the_process_registry(memory_root):
+    from tierckpt import staging
+    from tierckpt.tiers.memory import MemoryTier
+
+    tier = MemoryTier(memory_root)
+    tier.check_trusted("fills", create=True)
+    os.makedirs(os.path.join(memory_root, "fills"), mode=0o700, exist_ok=True)
+    pool = staging.StagingPool(tier, "fills")
+    thread = pool.prefault_spare(1 << 20, None, rank=3)
+    assert thread is not None
+    thread.join(30)
+    assert not thread.is_alive()
+    assert (pool.pool_dir, 3) not in staging._FILLS
+    assert [n for n in os.listdir(pool.pool_dir) if n.endswith(".spare")], "no spare was made"

@@ -58,7 +58,8 @@ whose fill a save stopped, are partly unallocated)."""
 
 
 _FILLS: dict[tuple[str, int], tuple[threading.Thread, threading.Event]] = {}
-"""This process's spare fills in progress, by (pool directory, rank)."""
+"""This process's spare fills in progress, by (pool directory, rank); a fill removes its
+own entry when it ends, a save that stops it removes it first."""
 _FILLS_LOCK = threading.Lock()
 
 
@@ -649,9 +650,19 @@ class StagingPool:
             finally:
                 lease.release()
 
-        thread = threading.Thread(target=fill, name="tierckpt-prefault", daemon=True)
+        key = (self.pool_dir, rank)
+
+        def run() -> None:
+            try:
+                fill()
+            finally:  # a finished fill leaves no entry behind
+                with _FILLS_LOCK:
+                    if _FILLS.get(key, (None,))[0] is threading.current_thread():
+                        del _FILLS[key]
+
+        thread = threading.Thread(target=run, name="tierckpt-prefault", daemon=True)
         with _FILLS_LOCK:
-            _FILLS[(self.pool_dir, rank)] = (thread, stop)
+            _FILLS[key] = (thread, stop)
         thread.start()
         return thread
 
