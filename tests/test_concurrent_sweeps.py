@@ -22,14 +22,14 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from tierckpt import CheckpointConfig, TieredStorageReader, TieredStorageWriter
+from tierckpt import TieredStorageReader, TieredStorageWriter
 from tierckpt.catalog import StepCatalog
 from tierckpt.leases import LEASE_DIR, AttemptLease, is_live, sweep_leases
 from tierckpt.manifest import checksum
 from tierckpt.peer import PeerClient, PeerService
 from tierckpt.peer._files import Root
 from tierckpt.retention import sweep
-from tierckpt.tiers.directory import DirectoryTier
+from tierckpt.tiers.directory import DirectoryTier, in_made_dir
 from tierckpt.tiers.memory import MemoryTier
 
 LOG = logging.getLogger("test_concurrent_sweeps")
@@ -53,14 +53,9 @@ def _sweep_after_first_makedirs(monkeypatch: pytest.MonkeyPatch, action: Any) ->
 
 
 def test_a_save_commits_when_another_ranks_sweep_removes_its_new_empty_step_directory(
-    memory_root: str, durable_dir: str, monkeypatch: pytest.MonkeyPatch
+    config_factory: Any, memory_root: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = CheckpointConfig(
-        namespace="race",
-        world_size=1,
-        memory_root=memory_root,
-        durable_base_path="file://" + durable_dir,
-    )
+    cfg = config_factory(namespace="race", world_size=1)
     dcp.save({"w": torch.full((1024,), 1.0)}, storage_writer=TieredStorageWriter(cfg, step=1))
     memory = MemoryTier(memory_root)
 
@@ -97,8 +92,6 @@ def test_a_directory_tier_write_lands_when_its_new_directory_is_removed_before_t
 
 def test_a_rename_whose_source_is_missing_still_fails_at_once(tmp_path: Any) -> None:
     tier = DirectoryTier(str(tmp_path), name="durable")
-    from tierckpt.tiers.directory import in_made_dir
-
     target = os.path.join(tier.root, "ns", "step_1", "x.data")
     calls = []
 

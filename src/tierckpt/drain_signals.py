@@ -13,9 +13,9 @@ seconds (``COMMIT_TIER_CHECK_S``). The store is the one the process group was ma
 (TCPStore, or the torchrun agent's); its values are a few bytes per rank per drained save,
 deleted once read. The signals keep the job's store object alive, so drains that outlive
 ``destroy_process_group`` still reach it. Where there is no process group (a single
-process, DCP's process-based async saves, a drain resumed after a restart) or the store
-fails, or with ``TIERCKPT_DRAIN_STORE=0``, the drain polls the durable tier as before. No collective is issued (invariant 6):
-store requests are point-to-point.
+process, DCP's process-based async saves, a drain resumed after a restart), once the store
+fails, or with ``TIERCKPT_DRAIN_STORE=0``, the drain polls the durable tier as before. No
+collective is issued (invariant 6): store requests are point-to-point.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ import logging
 import os
 import threading
 from typing import Any
+
+import torch.distributed as dist
+
+from ._dist import dist_ready
 
 __all__ = ["STORE_ENV", "DrainSignals", "job_signals"]
 
@@ -39,18 +43,14 @@ def _key(namespace: str, step: int, attempt: str, rank: int, what: str) -> str:
 
 
 class DrainSignals:
-    """Set and wait for drain progress keys in one job's store (see the module docstring)."""
+    """Set and check drain progress keys in one job's store (see the module docstring)."""
 
     def __init__(self, store: Any, log: logging.Logger | None = None) -> None:
         self._store = store  # kept: it owns the server in the process that hosts it
-        self._setter: Any = None
+        self._conn: Any = None
         self._lock = threading.Lock()
         self._broken = False
         self._log = log or logging.getLogger("tierckpt")
-
-    @property
-    def usable(self) -> bool:
-        return not self._broken
 
     def _give_up(self, what: str, error: BaseException) -> None:
         if not self._broken:
@@ -62,14 +62,18 @@ class DrainSignals:
                 error,
             )
 
+    def _client(self) -> Any:
+        """This object's own connection to the store, made on first use (lock held)."""
+        if self._conn is None:
+            self._conn = self._store.clone()
+        return self._conn
+
     def _set(self, key: str, value: bytes) -> None:
         if self._broken:
             return
         try:
-            with self._lock:  # one shared connection for the quick requests
-                if self._setter is None:
-                    self._setter = self._store.clone()
-                self._setter.set(key, value)
+            with self._lock:  # one connection, one request at a time
+                self._client().set(key, value)
         except Exception as e:
             self._give_up(f"set {key}", e)
 
@@ -95,9 +99,7 @@ class DrainSignals:
             return None
         try:
             with self._lock:
-                if self._setter is None:
-                    self._setter = self._store.clone()
-                client = self._setter
+                client = self._client()
                 if not client.check(keys):
                     failed = [k for k in keys if client.check([k]) and _failed(client.get(k))]
                     return client.get(failed[0]).decode(errors="replace") if failed else None
@@ -135,9 +137,7 @@ def job_signals(log: logging.Logger | None = None) -> DrainSignals | None:
     if os.environ.get(STORE_ENV, "1") == "0":
         return None
     try:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
+        if not dist_ready():
             return None
         store = dist.distributed_c10d._get_default_store()
     except Exception:

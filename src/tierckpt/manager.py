@@ -31,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from . import metrics
-from ._dist import dist_ready
+from ._dist import dist_ready, process_rank
 from ._log import logger_for
 from .api import _typed
 from .api import load as tierckpt_load
@@ -106,7 +106,7 @@ class CheckpointManager:
         )
         self.async_save = async_save
         self.grace_s, self.exit_code = float(grace_s), exit_code
-        self.rank = dist.get_rank() if dist_ready() else 0
+        self.rank = process_rank()
         world = dist.get_world_size() if dist_ready() else 1
         self._save_pg = process_group
         self._own_pg = process_group is not None

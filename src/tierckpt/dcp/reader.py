@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 
 from .. import layout, metrics
 from .._collective import arrive
-from .._dist import dist_ready
+from .._dist import dist_ready, process_rank
 from .._exit import run_in_background
 from .._log import logger_for, megabytes, rate, step_message, summary
 from ..config import CheckpointConfig, require_config
@@ -65,7 +65,7 @@ class TieredStorageReader(StorageReader):
         self.requested_step = layout.parse_step(step) if step is not None else None
         self.step: int | None = None
         self.bytes_read_by_tier: dict[str, int] = {"memory": 0, "peer": 0, "durable": 0}
-        self.rank = dist.get_rank() if dist_ready() else 0
+        self.rank = process_rank()
         self.log = logger_for(config)
         # The durable tier is opened lazily: memory restores never wait for it to answer.
         self.finder = Finder(
