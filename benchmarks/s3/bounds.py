@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from .._launch import RunDirs, launch, terminate_on_signals
-from .servers import empty_and_delete_bucket, start_server
+from .servers import serving
 
 MIB = 2**20
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -205,27 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"mib_per_rank": args.mib, "loadavg_start": os.getloadavg()}
     with terminate_on_signals(), RunDirs() as dirs:
         for name in [s for s in args.servers.split(",") if s]:
-            server = start_server(name, dirs.shm)
-            saved = {k: os.environ.get(k) for k in server.env()}
-            os.environ.update(server.env())
-            client = server.client()
             bucket = f"tierckpt-bounds-{dirs.id}"
-            try:
-                client.create_bucket(Bucket=bucket)
+            with serving(name, dirs.shm, bucket) as (server, _client):
                 results[name] = {
                     "upload": upload_probe(server, bucket, dirs.shm, nbytes),
                     "drain": drain_probe(server, bucket, dirs, nbytes),
                 }
-            finally:
-                try:
-                    empty_and_delete_bucket(client, bucket)
-                finally:
-                    server.close()
-                    for k, v in saved.items():
-                        if v is None:
-                            os.environ.pop(k, None)
-                        else:
-                            os.environ[k] = v
     results["loadavg_end"] = os.getloadavg()
     os.makedirs(RESULTS_DIR, exist_ok=True)
     out = os.path.join(RESULTS_DIR, f"bounds-{args.mib}m.json")

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from .._launch import RunDirs, launch, terminate_on_signals
-from .servers import empty_and_delete_bucket, start_server
+from .servers import serving
 
 MIB = 2**20
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -103,47 +103,30 @@ def main(argv: list[str] | None = None) -> int:
     table = []
     with terminate_on_signals(), RunDirs() as dirs:
         for name in [s for s in args.servers.split(",") if s]:
-            server = start_server(name, dirs.shm)
-            saved = {k: os.environ.get(k) for k in server.env()}
-            os.environ.update(server.env())
-            client = server.client()
             bucket = f"tierckpt-latency-{dirs.id}"
             memory_root = os.path.join(dirs.shm, f"memory-{name}")
             try:
-                client.create_bucket(Bucket=bucket)
-                rows = launch(
-                    _rank,
-                    2,
-                    (bucket, memory_root, args.mib, args.saves, args.hold_s),
-                    out_dir=dirs.disk,
-                    threads=1,
-                    timeout_s=1800,
-                )
-                results[name] = rows
-                for mode in MODES:
-                    gaps = [
-                        max(r["durable_done"] for r in row["ranks"])
-                        - max(r["part_in_s3"] for r in row["ranks"])
-                        for row in rows
-                        if row["mode"] == mode
-                    ]
-                    lists = [
-                        sum(r["listings"] for r in row["ranks"])
-                        for row in rows
-                        if row["mode"] == mode
-                    ]
-                    table.append((name, mode, gaps, lists))
+                with serving(name, dirs.shm, bucket):
+                    rows = launch(
+                        _rank,
+                        2,
+                        (bucket, memory_root, args.mib, args.saves, args.hold_s),
+                        out_dir=dirs.disk,
+                        threads=1,
+                        timeout_s=1800,
+                    )
             finally:
                 shutil.rmtree(memory_root, ignore_errors=True)
-                try:
-                    empty_and_delete_bucket(client, bucket)
-                finally:
-                    server.close()
-                    for k, v in saved.items():
-                        if v is None:
-                            os.environ.pop(k, None)
-                        else:
-                            os.environ[k] = v
+            results[name] = rows
+            for mode in MODES:
+                mine = [row for row in rows if row["mode"] == mode]
+                gaps = [
+                    max(r["durable_done"] for r in row["ranks"])
+                    - max(r["part_in_s3"] for r in row["ranks"])
+                    for row in mine
+                ]
+                lists = [sum(r["listings"] for r in row["ranks"]) for row in mine]
+                table.append((name, mode, gaps, lists))
     results["loadavg_end"] = os.getloadavg()
     print()
     print(

@@ -16,12 +16,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 
-__all__ = ["Server", "delete_prefix", "empty_and_delete_bucket", "start_server"]
+__all__ = ["Server", "delete_prefix", "empty_and_delete_bucket", "serving", "start_server"]
 
 S3RVER = "s3rver@3.7.1"
 
@@ -160,3 +161,27 @@ def empty_and_delete_bucket(client: Any, bucket: str) -> None:
             client.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
         delete_prefix(client, bucket, "")
         client.delete_bucket(Bucket=bucket)
+
+
+@contextlib.contextmanager
+def serving(name: str, data_root: str, bucket: str) -> Iterator[tuple[Server, Any]]:
+    """``(server, boto3 client)`` of a started server with ``bucket`` created, its endpoint
+    and keys in ``os.environ``; on exit the bucket is emptied and deleted, the server
+    stopped and the environment restored."""
+    server = start_server(name, data_root)
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    client = server.client()
+    try:
+        client.create_bucket(Bucket=bucket)
+        yield server, client
+    finally:
+        try:
+            empty_and_delete_bucket(client, bucket)
+        finally:
+            server.close()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
