@@ -9,8 +9,10 @@ restored when the session ends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Iterator
@@ -162,4 +164,40 @@ def fault_proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
     try:
         yield proxy
     finally:
+        proxy.stop()
+
+
+# ------------------------------------------------ context managers for module-scoped fixtures
+
+
+@contextlib.contextmanager
+def bucket_on(server: S3Server) -> Iterator[str]:
+    """A fresh bucket, emptied and removed afterwards (also when the test failed)."""
+    client = server.client()
+    name = _free_bucket_name()
+    client.create_bucket(Bucket=name)
+    try:
+        yield name
+    finally:
+        _empty_and_delete(client, name)
+
+
+@contextlib.contextmanager
+def shm_root() -> Iterator[str]:
+    """A memory root ``/dev/shm/tierckpt-test-<uuid>``, removed afterwards whatever happened."""
+    path = f"/dev/shm/tierckpt-test-{uuid.uuid4().hex}"
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def proxy_to(server: S3Server) -> Iterator[FaultProxy]:
+    """A :class:`FaultProxy` in front of ``server``, its faults cleared and it stopped after."""
+    proxy = FaultProxy(server.endpoint_url).start()
+    try:
+        yield proxy
+    finally:
+        proxy.clear_faults()
         proxy.stop()

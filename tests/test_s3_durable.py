@@ -8,15 +8,12 @@ that read the same run; every test asserts on its own part of the observations.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,9 +21,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import s3workers as sw
-from faultproxy import FaultProxy
 from fixtures_dist import launch_ranks, run_ranks
-from fixtures_s3 import S3Server
+from fixtures_s3 import S3Server, bucket_on, proxy_to, shm_root
 from tierckpt import (
     CheckpointConfig,
     DurableUnavailableError,
@@ -42,44 +38,6 @@ SCALE = 768
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@contextlib.contextmanager
-def bucket_on(server: S3Server) -> Iterator[str]:
-    """A fresh bucket, emptied and removed afterwards (also when the test failed)."""
-    client = server.client()
-    name = f"tierckpt-durable-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=name)
-    try:
-        yield name
-    finally:
-        for up in client.list_multipart_uploads(Bucket=name).get("Uploads", []):
-            client.abort_multipart_upload(Bucket=name, Key=up["Key"], UploadId=up["UploadId"])
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
-            objs = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if objs:
-                client.delete_objects(Bucket=name, Delete={"Objects": objs, "Quiet": True})
-        client.delete_bucket(Bucket=name)
-
-
-@contextlib.contextmanager
-def shm_root() -> Iterator[str]:
-    """A memory root ``/dev/shm/tierckpt-test-<uuid>``, removed afterwards whatever happened."""
-    path = f"/dev/shm/tierckpt-test-{uuid.uuid4().hex}"
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def proxy_to(server: S3Server) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(server.endpoint_url).start()
-    try:
-        yield proxy
-    finally:
-        proxy.clear_faults()
-        proxy.stop()
 
 
 def s3_steps(server: S3Server, bucket: str, namespace: str) -> dict[int, list[str]]:
