@@ -301,3 +301,64 @@ def w_resume_after_kill(
     dist.barrier()
     out["s3_at_end"] = s3_steps(bucket, base, ns)
     return out
+
+
+# --------------------------------------------------------------------------- staged uploads
+
+
+def _big_sharded_state(seed: int, world_size: int) -> dict[str, Any]:
+    """Three float32 DTensors sharded on dim 0: 6 MiB of each per rank (multipart at 5 MiB)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    g = torch.Generator().manual_seed(seed)
+    rows = 6 * 2**20 // 4 // 1024 * world_size
+    return {
+        f"t{i}": distribute_tensor(torch.randn(rows, 1024, generator=g), mesh, [Shard(0)])
+        for i in range(3)
+    }
+
+
+def _load_sharded(cfg: CheckpointConfig, step: int, world_size: int) -> bool:
+    """Load ``step`` into a blank target; True when it equals what was saved."""
+    target = _big_sharded_state(seed=0, world_size=world_size)
+    dcp.load(target, storage_reader=TieredStorageReader(cfg, step=step))
+    return fingerprint(target) == fingerprint(_big_sharded_state(step, world_size))
+
+
+def w_staged_uploads(
+    rank: int, world_size: int, cfg: CheckpointConfig, proxied: CheckpointConfig, bucket: str
+) -> dict[str, Any]:
+    """Durable saves whose data uploads while it is staged: ``async_save`` of shards (step
+    1), ``dcp.save`` (step 2), a save the coordinator keeps out of the durable tier although
+    rank 1 asks for it (step 3), and one through the proxy whose first data PUT fails
+    (step 4: redone whole). Then memory is wiped and steps 1, 2 and 4 load from S3."""
+    logs = capture_logs(cfg)
+    proxied.logger = cfg.logger
+    out: dict[str, Any] = {}
+    w = TieredStorageWriter(cfg, step=1, save_to_durable=True)
+    dcp.async_save(_big_sharded_state(1, world_size), storage_writer=w).result(timeout=60)
+    out["durable_1"] = durable_outcome(w, timeout=60)
+    w = TieredStorageWriter(cfg, step=2, save_to_durable=True)
+    dcp.save(plain_state(seed=2, scale=768), storage_writer=w)
+    out["durable_2"] = durable_outcome(w, timeout=60)
+    w = TieredStorageWriter(cfg, step=3, save_to_durable=rank == 1)
+    dcp.async_save(_big_sharded_state(3, world_size), storage_writer=w).result(timeout=60)
+    out["memory_3"] = memory_committed(cfg, 3)
+    w = TieredStorageWriter(proxied, step=4, save_to_durable=True)
+    dcp.save(_big_sharded_state(4, world_size), storage_writer=w)
+    out["durable_4"] = durable_outcome(w, timeout=60)
+    dist.barrier()
+    out["step_3_objects"] = s3_keys(bucket, f"{_base_of(cfg)}/{cfg.namespace}/step_3/")
+    wipe_memory(cfg)
+    out["loaded_1"] = _load_sharded(cfg, 1, world_size)
+    out["loaded_2"] = load_step(cfg, 2, scale=768)
+    out["loaded_4"] = _load_sharded(cfg, 4, world_size)
+    out["logs"] = [m for _, m in logs.records]
+    return out
+
+
+def _base_of(cfg: CheckpointConfig) -> str:
+    """The key prefix of ``cfg``'s durable tier in its bucket (``s3://bucket/<prefix>``)."""
+    return (cfg.durable_base_path or "").split("/", 3)[3]

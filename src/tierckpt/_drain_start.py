@@ -25,6 +25,7 @@ from .durable_retention import sweep_durable
 from .errors import DurableTierError, TierckptError
 from .manifest import CommitRecord, RankManifest
 from .resume import note_failure, note_success
+from .staged_upload import StagedUpload
 from .tiers.base import Tier
 from .tiers.memory import MemoryTier
 
@@ -79,9 +80,11 @@ def start_upload(
     *,
     coordinator: bool,
     done: Future[None],
+    staged: StagedUpload | None = None,
 ) -> Future[int]:
     """Upload this rank's part in the background; on a non-coordinator also watch for the
-    durable commit (the coordinator's part succeeds with its durable commit)."""
+    durable commit (the coordinator's part succeeds with its durable commit). ``staged``:
+    the upload of its data file that began while it was written (waited for, not redone)."""
     log = logger_for(config)
     ns = config.namespace
     step, attempt, rank = manifest.step, manifest.attempt, manifest.rank
@@ -91,7 +94,7 @@ def start_upload(
         try:
             check_reachable(durable)
             total = upload_rank_part(
-                memory, durable, ns, manifest, log, mark_drained=not coordinator
+                memory, durable, ns, manifest, log, mark_drained=not coordinator, staged=staged
             )
         except BaseException as e:
             note_failure(config, step, attempt, rank, e, log)  # retried in the background

@@ -12,6 +12,8 @@ __all__ = [
     "MAX_LOAD_FALLBACKS",
     "ORPHANS_POOLED",
     "READ_THREADS",
+    "STREAM_CHUNK",
+    "STREAM_IDLE_FACTOR",
     "TOUCH_CHUNK",
 ]
 
@@ -59,3 +61,10 @@ COMMIT_TIER_CHECK_S = 5.0
 parts uploaded by a process that does not signal)."""
 EXIT_WAIT_S = 60.0
 """Default of ``durable_exit_wait_s``: how long interpreter exit waits for drains."""
+STREAM_CHUNK = 8 << 20
+"""Bytes a staged upload reads and hands to the durable tier at a time (it waits until
+staging is this far ahead, or done)."""
+STREAM_IDLE_FACTOR = 3
+"""A staged upload whose save makes no progress for this many ``collective_timeout_s`` is
+cancelled (its save was abandoned between staging and writing); the drain then uploads
+the file whole if the save goes on after all."""

@@ -36,6 +36,7 @@ from .drain_signals import DrainSignals
 from .errors import DurableTierError, DurableUnavailableError
 from .manifest import CommitRecord, RankManifest
 from .progress import Progress
+from .staged_upload import StagedUpload
 from .tiers.base import Tier
 from .tiers.directory import DirectoryTier
 from .tiers.memory import MemoryTier
@@ -72,11 +73,14 @@ def upload_rank_part(
     log: logging.Logger,
     *,
     mark_drained: bool = True,
+    staged: StagedUpload | None = None,
 ) -> int:
     """Copy one rank's files of a step to the durable tier; the manifest goes last.
 
-    On failure a ``.failed`` marker is left in the durable tier (when it can be written)
-    so the coordinator's durable commit stops waiting for this part.
+    ``staged`` is the upload of a data file that began while it was written: it is waited
+    for instead of redone (and redone whole if it was cancelled or failed). On failure a
+    ``.failed`` marker is left in the durable tier (when it can be written) so the
+    coordinator's durable commit stops waiting for this part.
     """
     t0 = time.perf_counter()
     step, rank, attempt = manifest.step, manifest.rank, manifest.attempt
@@ -92,7 +96,10 @@ def upload_rank_part(
     try:
         for name in manifest.files:
             key = layout.step_key(namespace, step, name)
-            if isinstance(durable, DirectoryTier):  # byte progress as the copy goes
+            sent = _staged_result(staged, key, manifest.files[name].get("size", -1), log)
+            if sent is not None:
+                total += sent
+            elif isinstance(durable, DirectoryTier):  # byte progress as the copy goes
                 total += durable.put_file(key, memory.path(key), progress=progress.add)
             else:
                 total += durable.put_file(key, memory.path(key))
@@ -120,6 +127,31 @@ def upload_rank_part(
         )
     )
     return total
+
+
+def _staged_result(
+    staged: StagedUpload | None, key: str, size: int, log: logging.Logger
+) -> int | None:
+    """Bytes the staged upload of ``key`` sent, once it is done; ``None`` when there is none
+    for ``key`` or it was cancelled or failed (then the file is uploaded whole)."""
+    if staged is None or staged.key != key:
+        return None
+    try:
+        sent = staged.result()
+    except Exception as e:
+        log.warning("The upload of %s while it was staged failed (%s); uploading it whole.", key, e)
+        return None
+    if sent is not None and sent != size:
+        log.warning(
+            "The upload of %s while it was staged sent %d bytes, not %d; uploading it whole.",
+            key,
+            sent,
+            size,
+        )
+        return None
+    if sent is not None:
+        log.debug("%s was uploaded while it was staged (%d bytes).", key, sent)
+    return sent
 
 
 def mark_failed(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -30,7 +31,9 @@ from .leases import lease_name
 from .manifest import BlobInfo, CommitRecord, RankEntry, RankManifest, checksum, rank_manifest
 from .peer.placement import Peers
 from .retention import make_room, sweep
+from .staged_upload import StagedUpload, follow_buffer
 from .staging import PrivateBuffer, StagingBuffer, StagingPool, align, is_full, tensor_bytes
+from .tiers.base import Tier
 from .tiers.directory import in_made_dir, remove_quietly
 from .tiers.memory import MemoryTier
 
@@ -85,7 +88,9 @@ def grow_buffer(
 def release_buffer(
     memory: MemoryTier, config: CheckpointConfig, buffer: StagingBuffer, *, discard: bool = False
 ) -> None:
-    """Give up a buffer: back to the pool, or deleted when ``discard`` (a full tier)."""
+    """Give up a buffer: back to the pool, or deleted when ``discard`` (a full tier); an
+    upload that followed it is cancelled."""
+    buffer.abandon("its save did not complete")
     buffer.close()
     pool = StagingPool(memory, config.namespace)
     if discard or not pool.recycle(buffer.path, keep=1):
@@ -119,6 +124,8 @@ class WrittenPart:
     manifest: RankManifest
     blobs: list[BlobInfo]
     file_size: int
+    upload: StagedUpload | None = None
+    """The durable upload of the data file that began while it was written, if any."""
 
 
 def _tensor_of(data: Any) -> torch.Tensor:
@@ -179,11 +186,14 @@ def write_rank_part(
     *,
     install: tuple[bytes, bytes] | None = None,
     started: float | None = None,
+    durable: Tier | None = None,
 ) -> WrittenPart:
     """Write ``part`` into the memory tier: blobs into the buffer, the buffer renamed into
     the step, then the rank manifest. ``install`` is (commit JSON, metadata) of the
     previous step from another node, committed here first; a retention sweep precedes the
-    write. ``started`` (``perf_counter``) is when the write began, for the log line."""
+    write. ``started`` (``perf_counter``) is when the write began, for the log line.
+    ``durable``: the durable tier, when the data file may upload there as it is written
+    (see :mod:`tierckpt.staged_upload`)."""
     t0 = time.perf_counter() if started is None else started
     log = logger_for(config)
     ns, step, attempt, rank = config.namespace, part.step, part.attempt, part.rank
@@ -205,12 +215,15 @@ def write_rank_part(
             log.debug(step_message(rank, step, f"Writing into a staging buffer ({buffer.kind})"))
         elif buffer is not None and extra:
             grow_buffer(memory, config, buffer, extra)
+        upload = _staged_upload(config, part, buffer, durable, log)
         if buffer is not None:
             tail = buffer.capacity
             for data in items:
                 info, tail = _place(data, buffer, fname, tail)
                 blobs.append(info)
             size = tail if tail > buffer.capacity else buffer.used
+            if not blobs:
+                buffer.abandon("this rank's part has no data")
             buffer.finish(size)
     except BaseException as e:
         if buffer is not None:
@@ -253,7 +266,32 @@ def write_rank_part(
     warming_up = committed_before < config.memory_keep_last
     if config.memory_prefault and buffer is not None and warming_up:
         StagingPool(memory, ns).prefault_spare(buffer.capacity, config.memory_budget_bytes, rank)
-    return WrittenPart(manifest, blobs, size)
+    return WrittenPart(manifest, blobs, size, upload if blobs else None)
+
+
+def _staged_upload(
+    config: CheckpointConfig,
+    part: RankPart,
+    buffer: StagingBuffer | None,
+    durable: Tier | None,
+    log: logging.Logger,
+) -> StagedUpload | None:
+    """The upload following ``buffer`` to this part's durable data file (begun now for a
+    buffer acquired at write time); one that cannot serve this part is cancelled."""
+    if buffer is None:
+        return None
+    if not part.durable or durable is None:
+        buffer.abandon("the step is not saved to the durable tier")
+        return None
+    follow_buffer(
+        config, durable, buffer, step=part.step, attempt=part.attempt, rank=part.rank, log=log
+    )
+    upload = buffer.watcher if isinstance(buffer.watcher, StagedUpload) else None
+    key = layout.step_key(config.namespace, part.step, layout.data_name(part.attempt, part.rank))
+    if upload is not None and upload.key != key:
+        buffer.abandon("it was begun for another attempt or rank")
+        return None
+    return upload
 
 
 # -- the memory commit --

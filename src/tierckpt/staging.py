@@ -24,7 +24,7 @@ import re
 import secrets
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 import xxhash
@@ -39,6 +39,7 @@ __all__ = [
     "ALIGN",
     "PrivateBuffer",
     "StagingBuffer",
+    "StageWatcher",
     "StagingPool",
     "budget_lock",
     "is_full",
@@ -92,6 +93,19 @@ def _full(path: str, nbytes: int, error: OSError) -> TierFullError:
     return full
 
 
+class StageWatcher(Protocol):
+    """Follows a buffer as it fills (:class:`tierckpt.staged_upload.StagedUpload`)."""
+
+    def staged(self, upto: int) -> None:
+        """Bytes ``[0, upto)`` are written."""
+
+    def finish(self, size: int) -> None:
+        """The file is complete at ``size`` bytes."""
+
+    def cancel(self, reason: str) -> None:
+        """The buffer will not become a committed data file."""
+
+
 class StagingBuffer:
     """A bump allocator over one mmap'd memory-tier file.
 
@@ -140,6 +154,9 @@ class StagingBuffer:
         )
         self._base = _address(self._mmap) if self._mmap is not None else 0
         self._pinned = False
+        self.watcher: StageWatcher | None = None
+        """Told how far the bytes are written (copies run in allocation order)."""
+        self._gpu_queued = False
 
     def digest_at(self, offset: int, nbytes: int) -> str | None:
         """The xxh3-128 recorded when ``nbytes`` were written at ``offset`` (None if not)."""
@@ -153,6 +170,7 @@ class StagingBuffer:
             part = raw[start : start + chunk]
             pwrite_all(self._fd, part, offset + start)
             hasher.update(part)
+            self._report(offset + start + part.nbytes)
         digest = hasher.hexdigest()
         self._digests[offset] = (raw.nbytes, digest)
         return digest
@@ -197,7 +215,10 @@ class StagingBuffer:
         if self.by_syscall and tensor.device.type == "cpu":
             self._write_hashed(_raw_bytes(tensor), offset)
         else:
-            staged.copy_(tensor, non_blocking=self._pinned and tensor.is_cuda)
+            queued = self._pinned and tensor.is_cuda
+            staged.copy_(tensor, non_blocking=queued)
+            self._gpu_queued |= queued
+            self._report(self.used)
         return staged
 
     def place_hashed(self, tensor: torch.Tensor, chunk: int = HASH_CHUNK) -> tuple[int, str]:
@@ -219,6 +240,7 @@ class StagingBuffer:
             hasher.update(
                 raw[start * tensor.element_size() : (start + step) * tensor.element_size()]
             )
+            self._report(offset + min(start + step, staged.numel()) * tensor.element_size())
         digest = hasher.hexdigest()
         self._digests[offset] = (nbytes, digest)
         return offset, digest
@@ -249,7 +271,18 @@ class StagingBuffer:
         if view.nbytes:
             assert self._mmap is not None
             self._mmap[offset : offset + view.nbytes] = view
+            self._report(self.used)
         return offset, xxhash.xxh3_128_hexdigest(self.memory(offset, view.nbytes))
+
+    def _report(self, upto: int) -> None:
+        """Tell the watcher ``[0, upto)`` is written, unless a GPU copy may still be running."""
+        if self.watcher is not None and not self._gpu_queued:
+            self.watcher.staged(upto)
+
+    def gpu_copies_done(self) -> None:
+        """The GPU copies queued into the buffer have landed (their stream is synchronised)."""
+        self._gpu_queued = False
+        self._report(self.used)
 
     def extend(self, extra: int) -> None:
         """Allocate ``extra`` bytes past the file's end for :meth:`append` (not mapped)."""
@@ -276,9 +309,18 @@ class StagingBuffer:
             raise
 
     def finish(self, size: int) -> None:
-        """Trim the file to ``size`` bytes; the mapping stays valid for staged views."""
+        """Trim the file to ``size`` bytes (the mapping stays valid for staged views); its
+        watcher is told the file is complete."""
         if size < os.fstat(self._fd).st_size:
             os.ftruncate(self._fd, max(size, 0))
+        if self.watcher is not None:
+            self.watcher.finish(size)
+
+    def abandon(self, reason: str) -> None:
+        """This buffer will not become a committed data file: its watcher stops."""
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            watcher.cancel(reason)
 
     def pin(self) -> None:
         """Page-lock the mapped region for asynchronous GPU-to-host copies (CUDA only)."""

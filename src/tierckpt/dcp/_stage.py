@@ -20,7 +20,9 @@ from .._faults import crash_point
 from .._log import logger_for, rate, step_message
 from ..config import CheckpointConfig
 from ..saving import acquire_buffer, release_buffer
+from ..staged_upload import follow_buffer
 from ..staging import PrivateBuffer, StagingBuffer, align, is_full, tensor_bytes
+from ..tiers.base import Tier
 from ..tiers.memory import MemoryTier
 
 __all__ = ["StageSizes", "stage_for_rank", "stage_into", "staged_sizes"]
@@ -130,6 +132,8 @@ def stage_into(
     with torch.cuda.stream(stream):
         out = _iterate_state_dict(state_dict, on_sharded, on_dtensor, on_tensor, type_check=False)
     stream.synchronize()
+    if buffer is not None:
+        buffer.gpu_copies_done()
     return out
 
 
@@ -143,17 +147,29 @@ def stage_for_rank(
     attempt: str,
     rank: int,
     started: float,
+    durable: Tier | None = None,
 ) -> tuple[dict[str, Any], StagingBuffer | None, PrivateBuffer | None]:
     """Stage ``state_dict`` (sized by ``sizes``) for this rank's part of an attempt.
 
     Returns the staged state dict and its (memory-tier, private) buffers; on failure the
-    buffers are given back (a buffer that met a full tier is deleted).
+    buffers are given back (a buffer that met a full tier is deleted). With ``durable``
+    (a durable save), the buffer's bytes may upload there as they are staged.
     """
     buffer = (
         acquire_buffer(memory, config, attempt, rank, sizes.shared) if sizes.shared_count else None
     )
     private = None
     try:
+        if buffer is not None:
+            follow_buffer(
+                config,
+                durable,
+                buffer,
+                step=step,
+                attempt=attempt,
+                rank=rank,
+                log=logger_for(config),
+            )
         if sizes.private:
             private = PrivateBuffer(sizes.private, pinned=sizes.cuda)
         staged = stage_into(state_dict, buffer, private)

@@ -37,8 +37,9 @@ from ..peer.placement import Peers, plan_peers
 from ..peer.publish import push_commit
 from ..peer.replicate import replicate_part
 from ..resume import resume_pending_once
-from ..saving import PartItem, RankPart, commit_memory, write_rank_part
+from ..saving import PartItem, RankPart, WrittenPart, commit_memory, write_rank_part
 from ..staging import PrivateBuffer, StagingBuffer
+from ..tiers.base import Tier
 from ..tiers.durable import open_durable_tier
 from ..tiers.memory import open_memory_tier
 from ._inflight import Turn, take_turn
@@ -120,6 +121,8 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         state["peer_done"] = None
         state["_upload"] = None
         state["durable"] = None  # reopened on the other side; clients may not pickle
+        if self._staging is not None:  # the other process writes (and uploads) the file
+            self._staging.abandon("the save continues in another process")
         state["_staging"] = None  # staged tensors travel with the state dict
         state["_private"] = None
         state["_lease"] = None  # the lease stays with (and dies with) this process
@@ -220,6 +223,8 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         t0 = time.perf_counter()
         rank = process_rank()
         sizes = staged_sizes(state_dict, replicated_private=self.config.world_size > 1)
+        if self._staging is not None:  # staged before and never written
+            self._staging.abandon("the writer staged a new save")
         self._begin_attempt(rank)
         self._staged_attempt = True
         staged, self._staging, self._private = stage_for_rank(
@@ -231,6 +236,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             attempt=self.attempt,
             rank=rank,
             started=t0,
+            durable=self.durable if self.save_to_durable else None,
         )
         self._turn = take_turn(self.config, self.step)  # in program order, as on every rank
         return staged
@@ -289,9 +295,10 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             part,
             install=answer.install if answer is not None else None,
             started=t0,
+            durable=self._durable_tier() if self._durable else None,
         )
         if self._durable:
-            self._start_drain(written.manifest)
+            self._start_drain(written)
         elif not self.durable_done.done():
             self.durable_done.set_result(None)
         results = [
@@ -327,15 +334,19 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             return
         replicate_part(self.config, self.memory, node, manifest, self.peer_done)
 
-    def _start_drain(self, manifest: RankManifest) -> None:
+    def _durable_tier(self) -> Tier:
         self.durable = self.durable or open_durable_tier(self.config, check=False)
+        return self.durable
+
+    def _start_drain(self, written: WrittenPart) -> None:
         self._upload = start_upload(
             self.config,
             self.memory,
-            self.durable,
-            manifest,
+            self._durable_tier(),
+            written.manifest,
             coordinator=self.is_coordinator,
             done=self.durable_done,
+            staged=written.upload,
         )
 
     def _publish_commit(self, peers: Peers) -> Callable[[bytes, bytes], None] | None:
@@ -397,7 +408,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             start_durable_commit(
                 self.config,
                 self.memory,
-                self.durable or open_durable_tier(self.config, check=False),
+                self._durable_tier(),
                 record,
                 md_bytes,
                 attempt=self.attempt,
