@@ -10,7 +10,9 @@ rank processes (gloo on CPU):
 
 - ``tierckpt``: ``dcp.save`` with a ``TieredStorageWriter(save_to_durable=True)`` into the
   memory tier, timed until ``durable_done`` on every rank (the step committed in S3); load:
-  the memory tier wiped, a fresh ``TieredStorageReader`` reads everything from S3.
+  the memory tier wiped, a fresh ``TieredStorageReader`` reads everything from S3. Its data
+  uploads while it is staged (the default for S3); ``tierckpt-whole`` is the same with
+  ``durable_stream=False`` (each file uploaded after it is written).
 - ``s3torchconnector``: ``dcp.save`` / ``dcp.load`` with s3torchconnector 1.5's
   ``S3StorageWriter`` / ``S3StorageReader`` (defaults, ``force_path_style=True``).
 - ``boto3``: each rank ``torch.save`` into a ``BytesIO`` then ``upload_fileobj``; load:
@@ -44,7 +46,7 @@ from .._launch import RunDirs, launch, terminate_on_signals
 __all__ = ["main"]
 
 MIB = 2**20
-SYSTEMS = ("tierckpt", "s3torchconnector", "boto3")
+SYSTEMS = ("tierckpt", "tierckpt-whole", "s3torchconnector", "boto3")
 SERVERS = ("moto", "s3rver")
 BASELINE = "s3torchconnector"
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -143,6 +145,7 @@ def _tierckpt(rank: int, opts: Options, state: Any, target: Any, prefix: str, re
         memory_keep_last=1,
         s3_part_size=opts.part_size,
         s3_max_concurrency=opts.concurrency,
+        durable_stream=opts.system != "tierckpt-whole",
     )
     phase = _Phase(opts)
     returned: dict[str, float] = {}
@@ -222,7 +225,12 @@ def _boto3(rank: int, opts: Options, state: Any, target: Any, prefix: str, rep: 
     return save_rec, load_rec, loaded
 
 
-_RUNNERS = {"tierckpt": _tierckpt, "s3torchconnector": _s3torchconnector, "boto3": _boto3}
+_RUNNERS = {
+    "tierckpt": _tierckpt,
+    "tierckpt-whole": _tierckpt,
+    "s3torchconnector": _s3torchconnector,
+    "boto3": _boto3,
+}
 
 
 def rank_main(rank: int, world_size: int, opts: Options) -> list[dict[str, Any]]:
@@ -286,6 +294,7 @@ def summarize(record: dict[str, Any], total_bytes: int) -> dict[str, Any]:
         s = _median(reps, phase)
         out[phase] = {
             "median_s": s,
+            "worst_s": max(r[phase]["s"] for r in reps),
             "mib_s": total_bytes / MIB / s,
             "client_cpu_s": _median(reps, phase, "client_cpu_s"),
             "server_cpu_s": _median(reps, phase, "server_cpu_s"),
@@ -305,10 +314,11 @@ def table(results: dict[str, Any]) -> str:
     """Markdown: one row per server and system, ratios against s3torchconnector."""
     lines = [
         "| server | system | save MiB/s (until in S3) | load MiB/s | save × s3tc | load × s3tc "
-        "| training blocked per save | blocked ÷ s3tc's | server CPU save / load |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| training blocked per save | blocked ÷ s3tc's | save s, median / worst "
+        "| server CPU save / load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    empty = " | | | | | | | |"
+    empty = " | | | | | | | | |"
     for server, systems in results["servers"].items():
         if "error" in systems:
             lines.append(f"| {server} | (not run: {systems['error']}){empty}")
@@ -326,9 +336,11 @@ def table(results: dict[str, Any]) -> str:
             cpu = f"{s['save']['server_cpu_share']:.0%} / {s['load']['server_cpu_share']:.0%}"
             blocked = s["save"]["blocked_s"]
             b_ratio = f"{blocked / base['save']['blocked_s']:.2f}" if base else "–"
+            spread = f"{s['save']['median_s']:.2f} / {s['save'].get('worst_s', 0.0):.2f}"
             lines.append(
                 f"| {server} | {name} | {s['save']['mib_s']:.0f} | {s['load']['mib_s']:.0f} "
-                f"| {ratio['save']} | {ratio['load']} | {blocked:.2f} s | {b_ratio} | {cpu} |"
+                f"| {ratio['save']} | {ratio['load']} | {blocked:.2f} s | {b_ratio} | {spread} "
+                f"| {cpu} |"
             )
     return "\n".join(lines)
 
