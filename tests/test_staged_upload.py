@@ -40,7 +40,7 @@ def _config(memory_root: str, durable: str, **kw: Any) -> CheckpointConfig:
         memory_root=memory_root,
         durable_base_path=durable,
         s3_part_size=PART,
-        **kw,
+        **{"durable_stream": True, **kw},
     )
 
 
@@ -162,19 +162,16 @@ def test_a_short_file_fails_the_upload_instead_of_sending_less(memory_root, tmp_
         release_buffer(memory, cfg, buffer, discard=True)
 
 
-def test_streaming_is_on_for_object_stores_and_off_for_directories(
-    memory_root: str, s3_server: S3Server, tmp_path
-) -> None:
+def test_streaming_is_opt_in(memory_root: str, s3_server: S3Server, tmp_path) -> None:
     s3 = S3Tier("s3://b/p", endpoint_url=s3_server.endpoint_url)
     directory = DirectoryTier(str(tmp_path), name="durable")
-    auto = _config(memory_root, f"file://{tmp_path}")
-    assert staged_upload_wanted(auto, s3)
-    assert not staged_upload_wanted(auto, directory)
-    assert not staged_upload_wanted(auto, None)
-    off = _config(memory_root, f"file://{tmp_path}", durable_stream=False)
-    assert not staged_upload_wanted(off, s3)
+    default = CheckpointConfig(namespace="n", world_size=1, memory_root=memory_root)
+    assert not staged_upload_wanted(default, s3)
+    assert not staged_upload_wanted(default, directory)
     on = _config(memory_root, f"file://{tmp_path}", durable_stream=True)
+    assert staged_upload_wanted(on, s3)
     assert staged_upload_wanted(on, directory)
+    assert not staged_upload_wanted(on, None)
     with pytest.raises(ConfigError, match="durable_stream"):
         _config(memory_root, f"file://{tmp_path}", durable_stream="yes")
 
@@ -193,6 +190,7 @@ def staged_run(s3_server: S3Server) -> Iterator[dict[str, Any]]:
             memory_root=mem,
             durable_base_path=base,
             s3_part_size=PART,
+            durable_stream=True,
         )
         proxied = CheckpointConfig(
             namespace="staged",
@@ -202,6 +200,7 @@ def staged_run(s3_server: S3Server) -> Iterator[dict[str, Any]]:
             s3_part_size=PART,
             s3_endpoint_url=proxy.url,
             s3_max_retries=0,
+            durable_stream=True,
         )
         proxy.fail_next("error500", 1, method="PUT", path_contains=".data")
         results = run_ranks(sw.w_staged_uploads, 2, cfg, proxied, bucket, timeout=240)

@@ -10,9 +10,9 @@ rank processes (gloo on CPU):
 
 - ``tierckpt``: ``dcp.save`` with a ``TieredStorageWriter(save_to_durable=True)`` into the
   memory tier, timed until ``durable_done`` on every rank (the step committed in S3); load:
-  the memory tier wiped, a fresh ``TieredStorageReader`` reads everything from S3. Its data
-  uploads while it is staged (the default for S3); ``tierckpt-whole`` is the same with
-  ``durable_stream=False`` (each file uploaded after it is written).
+  the memory tier wiped, a fresh ``TieredStorageReader`` reads everything from S3.
+  ``tierckpt-stream`` is the same with ``durable_stream=True`` (the data uploads while it
+  is staged).
 - ``s3torchconnector``: ``dcp.save`` / ``dcp.load`` with s3torchconnector 1.5's
   ``S3StorageWriter`` / ``S3StorageReader`` (defaults, ``force_path_style=True``).
 - ``boto3``: each rank ``torch.save`` into a ``BytesIO`` then ``upload_fileobj``; load:
@@ -46,7 +46,7 @@ from .._launch import RunDirs, launch, terminate_on_signals
 __all__ = ["main"]
 
 MIB = 2**20
-SYSTEMS = ("tierckpt", "tierckpt-whole", "s3torchconnector", "boto3")
+SYSTEMS = ("tierckpt", "tierckpt-stream", "s3torchconnector", "boto3")
 SERVERS = ("moto", "s3rver")
 BASELINE = "s3torchconnector"
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -145,7 +145,7 @@ def _tierckpt(rank: int, opts: Options, state: Any, target: Any, prefix: str, re
         memory_keep_last=1,
         s3_part_size=opts.part_size,
         s3_max_concurrency=opts.concurrency,
-        durable_stream=opts.system != "tierckpt-whole",
+        durable_stream=opts.system == "tierckpt-stream",
     )
     phase = _Phase(opts)
     returned: dict[str, float] = {}
@@ -227,7 +227,7 @@ def _boto3(rank: int, opts: Options, state: Any, target: Any, prefix: str, rep: 
 
 _RUNNERS = {
     "tierckpt": _tierckpt,
-    "tierckpt-whole": _tierckpt,
+    "tierckpt-stream": _tierckpt,
     "s3torchconnector": _s3torchconnector,
     "boto3": _boto3,
 }

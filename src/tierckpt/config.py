@@ -177,10 +177,12 @@ class CheckpointConfig:
     """Retries of a failed S3 request (throttling, 5xx, resets, timeouts)."""
     s3_timeout_s: float = 60.0
     """Timeout of one S3 request."""
-    durable_stream: bool | None = None
-    """Upload a rank's data to the durable tier while it is being staged, part by part
-    (``None``: for object stores such as S3, not for a directory tier, which copies the
-    finished file faster)."""
+    durable_stream: bool = False
+    """Upload a rank's data to the durable tier part by part while it is still being staged,
+    instead of after it is written. It makes the upload overlap the save's copies, so it pays
+    where the node has cores to spare and the store is remote; off by default because on a
+    host without spare cores the upload slows the copies that block training
+    (benchmarks/s3/README.md, "Uploading while staging")."""
     memory_prefault: bool = True
     """Allocate a spare staging buffer in the background while the pool fills (the first saves)."""
     durable_keep_last: int | None = None
@@ -332,10 +334,8 @@ class CheckpointConfig:
         t = self.peer_timeout_s
         if isinstance(t, bool) or not isinstance(t, int | float) or not t > 0:
             raise ConfigError(f"peer_timeout_s={t!r}: must be a number of seconds > 0.")
-        if self.durable_stream is not None and not isinstance(self.durable_stream, bool):
-            raise ConfigError(
-                f"durable_stream={self.durable_stream!r}: must be None (automatic), True or False."
-            )
+        if not isinstance(self.durable_stream, bool):
+            raise ConfigError(f"durable_stream={self.durable_stream!r}: must be True or False.")
 
     @property
     def multi_node(self) -> bool:

@@ -1,4 +1,5 @@
-"""Uploading a rank's data file to the durable tier while it is still being staged.
+"""Uploading a rank's data file to the durable tier while it is still being staged
+(``CheckpointConfig.durable_stream``).
 
 The staging buffer tells its upload how far its bytes are written (a prefix: copies run
 in allocation order) and, at the end of the write, the file's size. The upload reads that
@@ -38,16 +39,8 @@ class _Cancelled(Exception):
 
 
 def staged_upload_wanted(config: CheckpointConfig, durable: Tier | None) -> bool:
-    """Whether a durable part's data should upload while it is staged.
-
-    ``config.durable_stream`` decides; unset, tiers that send parts as they are written
-    (object stores) stream and a directory tier (a local copy, cheapest whole) does not.
-    """
-    if durable is None:
-        return False
-    if config.durable_stream is not None:
-        return config.durable_stream
-    return bool(getattr(durable, "sends_parts_as_written", False))
+    """Whether a durable part's data should upload while it is staged (``durable_stream``)."""
+    return durable is not None and config.durable_stream
 
 
 class StagedUpload:

@@ -53,8 +53,6 @@ def _parts(chunks: Iterable[Buffer], part_size: int) -> Iterator[bytearray]:
 class Uploads(ErrorHandling):
     """``write`` and ``put_file`` of :class:`~tierckpt.tiers.s3.S3Tier`."""
 
-    sends_parts_as_written = True
-    """``write`` sends each part as its chunks arrive (see :mod:`tierckpt.staged_upload`)."""
     part_size: int
     max_concurrency: int
     prefix: str
