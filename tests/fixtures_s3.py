@@ -130,7 +130,7 @@ def s3_server() -> Iterator[S3Server]:
         werkzeug.setLevel(saved_level)
 
 
-def _empty_and_delete(client: Any, bucket: str) -> None:
+def empty_and_delete(client: Any, bucket: str) -> None:
     try:
         uploads = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
         for up in uploads:
@@ -148,23 +148,15 @@ def _empty_and_delete(client: Any, bucket: str) -> None:
 @pytest.fixture
 def s3_bucket(s3_server: S3Server) -> Iterator[str]:
     """A fresh, empty bucket on the moto server (emptied and removed afterwards)."""
-    client = s3_server.client()
-    name = _free_bucket_name()
-    client.create_bucket(Bucket=name)
-    try:
+    with bucket_on(s3_server) as name:
         yield name
-    finally:
-        _empty_and_delete(client, name)
 
 
 @pytest.fixture
 def fault_proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
     """A :class:`FaultProxy` on 127.0.0.1 in front of the moto server (stopped afterwards)."""
-    proxy = FaultProxy(s3_server.endpoint_url).start()
-    try:
+    with proxy_to(s3_server) as proxy:
         yield proxy
-    finally:
-        proxy.stop()
 
 
 # ------------------------------------------------ context managers for module-scoped fixtures
@@ -179,7 +171,7 @@ def bucket_on(server: S3Server) -> Iterator[str]:
     try:
         yield name
     finally:
-        _empty_and_delete(client, name)
+        empty_and_delete(client, name)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from fixtures_s3 import S3Server
+from fixtures_s3 import S3Server, empty_and_delete, shm_root
 from tierckpt import ConfigError, DurableUnavailableError, InvalidStepError
 from tierckpt.compat.sagemaker import (
     SageMakerCheckpointConfig,
@@ -121,20 +121,13 @@ def seed_buckets(s3_server: S3Server) -> Iterator[S3Server]:
         yield s3_server
     finally:
         for name in SEED_BUCKETS:
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
-                objs = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-                if objs:
-                    client.delete_objects(Bucket=name, Delete={"Objects": objs, "Quiet": True})
-            client.delete_bucket(Bucket=name)
+            empty_and_delete(client, name)
 
 
 @pytest.fixture(scope="module")
 def shm() -> Iterator[str]:
-    path = f"/dev/shm/tierckpt-test-{uuid.uuid4().hex}"
-    try:
+    with shm_root() as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def durable_steps(server: S3Server, bucket: str, job: str) -> dict[int, list[str]]:

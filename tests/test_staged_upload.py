@@ -7,6 +7,7 @@ server; the end-to-end part launches two gloo ranks whose durable saves stream t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -192,16 +193,7 @@ def staged_run(s3_server: S3Server) -> Iterator[dict[str, Any]]:
             s3_part_size=PART,
             durable_stream=True,
         )
-        proxied = CheckpointConfig(
-            namespace="staged",
-            world_size=2,
-            memory_root=mem,
-            durable_base_path=base,
-            s3_part_size=PART,
-            s3_endpoint_url=proxy.url,
-            s3_max_retries=0,
-            durable_stream=True,
-        )
+        proxied = dataclasses.replace(cfg, s3_endpoint_url=proxy.url, s3_max_retries=0)
         proxy.fail_next("error500", 1, method="PUT", path_contains=".data")
         results = run_ranks(sw.w_staged_uploads, 2, cfg, proxied, bucket, timeout=240)
         client = s3_server.client()
