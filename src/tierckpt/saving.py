@@ -31,7 +31,7 @@ from .leases import lease_name
 from .manifest import BlobInfo, CommitRecord, RankEntry, RankManifest, checksum, rank_manifest
 from .peer.placement import Peers
 from .retention import make_room, sweep
-from .staged_upload import StagedUpload, follow_buffer
+from .staged_upload import StagedUpload, data_key, follow_buffer
 from .staging import PrivateBuffer, StagingBuffer, StagingPool, align, is_full, tensor_bytes
 from .tiers.base import Tier
 from .tiers.directory import in_made_dir, remove_quietly
@@ -287,7 +287,7 @@ def _staged_upload(
         config, durable, buffer, step=part.step, attempt=part.attempt, rank=part.rank, log=log
     )
     upload = buffer.watcher if isinstance(buffer.watcher, StagedUpload) else None
-    key = layout.step_key(config.namespace, part.step, layout.data_name(part.attempt, part.rank))
+    key = data_key(config, part.step, part.attempt, part.rank)
     if upload is not None and upload.key != key:
         buffer.abandon("it was begun for another attempt or rank")
         return None

@@ -31,11 +31,16 @@ from .errors import DurableTierError
 from .staging import StagingBuffer
 from .tiers.base import Tier
 
-__all__ = ["StagedUpload", "follow_buffer", "staged_upload_wanted"]
+__all__ = ["StagedUpload", "data_key", "follow_buffer", "staged_upload_wanted"]
 
 
 class _Cancelled(Exception):
     """Raised into the tier's write to abort it (never leaves this module)."""
+
+
+def data_key(config: CheckpointConfig, step: int, attempt: str, rank: int) -> str:
+    """The tier key of this rank's data file of the step (what a staged upload writes)."""
+    return layout.step_key(config.namespace, step, layout.data_name(attempt, rank))
 
 
 def staged_upload_wanted(config: CheckpointConfig, durable: Tier | None) -> bool:
@@ -107,11 +112,11 @@ class StagedUpload:
             if check is not None:
                 check(create=True)
             return self._durable.write(self.key, self._chunks())
-        except BaseException as e:
+        except BaseException:
             if self._cancelled is not None:
                 self._log.debug("Staged upload of %s cancelled: %s", self.key, self._cancelled)
                 return None
-            raise e
+            raise
         finally:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
@@ -162,7 +167,7 @@ def follow_buffer(
     if step is None or buffer.watcher is not None or not staged_upload_wanted(config, durable):
         return None
     assert durable is not None
-    key = layout.step_key(config.namespace, step, layout.data_name(attempt, rank))
+    key = data_key(config, step, attempt, rank)
     idle_s = STREAM_IDLE_FACTOR * config.collective_timeout_s
     upload = StagedUpload(durable, key, buffer.path, idle_s=idle_s, log=log)
     buffer.watcher = upload
