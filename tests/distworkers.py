@@ -728,3 +728,48 @@ def w_reshard_load_sharded(rank: int, world_size: int, cfg: CheckpointConfig) ->
             k: tuple(v.to_local().shape) for k, v in sd.items() if isinstance(v, DTensor)
         },
     }
+
+
+def w_staged_dtensors_match_from_local(rank: int, world_size: int) -> Any:
+    """``dtensor_over`` (staging's DTensor constructor) against ``DTensor.from_local``.
+
+    Uneven shards, a replicated DTensor, a bf16 one and a local tensor of another dtype
+    (which takes the public route). Returns, per key, whether the two agree on the spec
+    (mesh, placements, global shape, stride, dtype), the local bytes and the grad flag.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
+
+    from tierckpt.dcp._stage import dtensor_over
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    g = torch.Generator().manual_seed(5)
+    sources = {
+        "uneven": distribute_tensor(torch.randn(5, 3, generator=g), mesh, [Shard(0)]),
+        "dim1_bf16": distribute_tensor(
+            torch.randn(4, 6, generator=g).to(torch.bfloat16), mesh, [Shard(1)]
+        ),
+        "replicated": distribute_tensor(torch.randn(3, generator=g), mesh, [Replicate()]),
+    }
+    out: dict[str, Any] = {}
+    for key, src in sources.items():
+        for cast in (None, torch.float64):
+            local = src._local_tensor.clone() if cast is None else src._local_tensor.to(cast)
+            got = dtensor_over(src, local)
+            want = DTensor.from_local(
+                local,
+                src.device_mesh,
+                src.placements,
+                run_check=False,
+                shape=src.shape,
+                stride=src.stride(),
+            )
+            out[f"{key}/{cast}"] = {
+                "type": type(got).__name__,
+                "spec": got._spec == want._spec,
+                "dtype": got.dtype == local.dtype,
+                "local": got._local_tensor.data_ptr() == local.data_ptr(),
+                "grad": got.requires_grad is want.requires_grad is False,
+                "full": torch.equal(got.full_tensor(), want.full_tensor()),
+            }
+    return out

@@ -96,3 +96,18 @@ def test_async_save_with_a_process_checkpointer_round_trips_and_the_subprocess_s
         assert res["load"]["step"] == 3
         assert res["committed"] == [3]
         assert res["checkpointer_stopped"] is True
+
+
+def test_staged_dtensors_are_what_from_local_builds_over_the_staged_shards():
+    results = run_ranks(w.w_staged_dtensors_match_from_local, 2)
+    for rank, res in enumerate(results):
+        assert len(res) == 6
+        for key, facts in res.items():
+            assert facts == {
+                "type": "DTensor",
+                "spec": True,
+                "dtype": True,
+                "local": True,
+                "grad": True,
+                "full": True,
+            }, f"rank {rank}, {key}"

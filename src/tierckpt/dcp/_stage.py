@@ -25,7 +25,7 @@ from ..staging import PrivateBuffer, StagingBuffer, align, is_full, tensor_bytes
 from ..tiers.base import Tier
 from ..tiers.memory import MemoryTier
 
-__all__ = ["StageSizes", "stage_for_rank", "stage_into", "staged_sizes"]
+__all__ = ["StageSizes", "dtensor_over", "stage_for_rank", "stage_into", "staged_sizes"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,28 @@ def staged_sizes(state_dict: dict[str, Any], *, replicated_private: bool) -> Sta
     )
 
 
+def dtensor_over(obj: DTensor, local: torch.Tensor) -> DTensor:
+    """``obj``'s DTensor (mesh, placements, global shape and stride) over the staged ``local``.
+
+    Built from ``obj``'s spec directly: what ``DTensor.from_local`` makes, without its
+    autograd function (0.06 ms against 0.003 ms per tensor here, 14 ms per save of 252).
+    """
+    spec = obj._spec
+    if spec.tensor_meta is not None and spec.tensor_meta.dtype == local.dtype:
+        try:
+            return DTensor(local, spec, requires_grad=False)
+        except TypeError:  # the private constructor changed: the public route still works
+            pass
+    return DTensor.from_local(
+        local,
+        obj.device_mesh,
+        obj.placements,
+        run_check=False,
+        shape=obj.shape,
+        stride=obj.stride(),
+    )
+
+
 def stage_into(
     state_dict: dict[str, Any],
     buffer: StagingBuffer | None,
@@ -99,15 +121,7 @@ def stage_into(
         return private.place(obj.detach()) if private is not None else shared(obj)
 
     def on_dtensor(obj: DTensor, *_: Any) -> DTensor:
-        local = shared(obj._local_tensor)
-        return DTensor.from_local(
-            local,
-            obj.device_mesh,
-            obj.placements,
-            run_check=False,
-            shape=obj.shape,
-            stride=obj.stride(),
-        )
+        return dtensor_over(obj, shared(obj._local_tensor))
 
     def on_sharded(obj: Any, *_: Any) -> Any:
         import copy
