@@ -42,12 +42,13 @@ class RankFailure(RuntimeError):
 class RunDirs:
     """This run's tmpfs and disk directories, removed at exit whatever happens."""
 
-    def __init__(self, scratch: str | None = None) -> None:
+    def __init__(self, scratch: str | None = None, tmpfs: str | None = None) -> None:
         self.id = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.shm = SHM_PREFIX + self.id
+        shm_prefix = SHM_PREFIX if tmpfs is None else os.path.join(tmpfs, "tierckpt-bench-")
+        self.shm = shm_prefix + self.id
         base = scratch or tempfile.gettempdir()
         self.disk = os.path.join(base, "tierckpt-bench-" + self.id)
-        _remove_stale(SHM_PREFIX)
+        _remove_stale(shm_prefix)
         _remove_stale(os.path.join(base, "tierckpt-bench-"))
         os.makedirs(self.shm, mode=0o700)
         os.makedirs(self.disk, mode=0o700)

@@ -1,6 +1,6 @@
 """What filling tmpfs pages costs, one process, one thread: the choices behind staging.
 
-    python -m benchmarks.page_costs [--gib 0.5] [--reps 3]
+    python -m benchmarks.page_costs [--gib 0.5] [--reps 3] [--root /dev/shm] [--cold-wait-s 0]
 
 Each row moves the same bytes from a warm tensor into a tmpfs file (or back), in a fresh
 file unless it says "resident"; medians and worst of ``--reps``. See benchmarks/README.md.
@@ -44,9 +44,13 @@ class Probe:
         self.raw = memoryview(self.src.numpy())
         self.libc = ctypes.CDLL(None, use_errno=True)
 
-    def fresh(self) -> int:
+    def discard(self) -> None:
+        """Delete the last row's file, so its pages go back before the next row."""
         if os.path.exists(self.path):
             os.remove(self.path)
+
+    def fresh(self) -> int:
+        self.discard()
         return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
 
     def pwrite_all(self, fd: int) -> None:
@@ -130,13 +134,36 @@ class Probe:
         }
 
 
+def _huge_pages(root: str) -> str:
+    """The ``huge=`` option ``root`` is mounted with ("huge=never" when it has none)."""
+    best, found = "", ""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _dev, mnt, _fs, opts, *_ = line.split()
+            if os.path.realpath(root).startswith(mnt) and len(mnt) > len(best):
+                best, found = mnt, opts
+    huge = [o for o in found.split(",") if o.startswith("huge=")]
+    return huge[0] if huge else "huge=never"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.page_costs")
     p.add_argument("--gib", type=float, default=0.5)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument(
+        "--root",
+        default="/dev/shm",
+        help="the tmpfs to measure (e.g. a private mount with huge=always)",
+    )
+    p.add_argument(
+        "--cold-wait-s",
+        type=float,
+        default=0.0,
+        help="idle before each row, so the memory freed by the row before is cold again",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    directory = f"/dev/shm/tierckpt-bench-pages-{os.getpid()}"
+    directory = os.path.join(args.root, f"tierckpt-bench-pages-{os.getpid()}")
     os.makedirs(directory)
     try:
         probe = Probe(int(args.gib * 2**30), directory)
@@ -144,9 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[str, list[float]] = {k: [] for k in rows}
         for _ in range(args.reps):
             for name, fn in rows.items():
+                probe.discard()
+                time.sleep(args.cold_wait_s)
                 times[name].append(fn())
         mib = probe.n / 2**20
-        print(f"{args.gib} GiB, medians of {args.reps} (worst in brackets)")
+        print(
+            f"{args.gib} GiB in {args.root} ({_huge_pages(args.root)}), medians of {args.reps} "
+            f"(worst in brackets), {args.cold_wait_s:g} s idle before each row"
+        )
         for name, ts in times.items():
             med = statistics.median(ts)
             print(f"| {name:54s} | {mib / med:7,.0f} MiB/s | {med:.3f} s ({max(ts):.3f}) |")

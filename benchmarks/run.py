@@ -317,6 +317,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--scratch", default=None, help="parent of the on-disk scratch dir (default /tmp)"
     )
+    p.add_argument(
+        "--tmpfs",
+        default=None,
+        help="parent of the tmpfs scratch dir, e.g. a tmpfs mounted with huge=within_size "
+        "(default /dev/shm)",
+    )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before ranks are killed")
     p.add_argument("--quick", action="store_true", help="tiny model, 1 repetition")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG")
@@ -395,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["machine"]["loadavg_before_system"] = loadavg
     revs: dict[str, list[str]] = {}
     meta["machine"]["source_before_system"] = revs
-    with terminate_on_signals(), RunDirs(args.scratch) as dirs:
+    with terminate_on_signals(), RunDirs(args.scratch, args.tmpfs) as dirs:
         for rnd in range(args.rounds):
             order = names[rnd % len(names) :] + names[: rnd % len(names)]
             for name in order:
