@@ -315,14 +315,15 @@ def config_factory(memory_root: str, durable_dir: str) -> Callable[..., Any]:
     return make
 
 
-@pytest.fixture
-def tiny_tmpfs() -> Iterator[str]:
-    """A 2 MiB tmpfs mounted under /dev/shm; skipped only where mount is not permitted."""
+@contextlib.contextmanager
+def mounted_tmpfs(options: str) -> Iterator[str]:
+    """A tmpfs mounted with ``options`` under /dev/shm, unmounted and removed on exit;
+    the test is skipped only where mount is not permitted."""
     path = os.path.join(SHM, f"tierckpt-test-tmpfs-{uuid.uuid4().hex}")
     os.mkdir(path)
     try:
         res = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", path],
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", path],
             capture_output=True,
             text=True,
             check=False,
@@ -336,3 +337,17 @@ def tiny_tmpfs() -> Iterator[str]:
                 subprocess.run(["umount", "-l", path], check=False)
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def tiny_tmpfs() -> Iterator[str]:
+    """A 2 MiB tmpfs mounted under /dev/shm; skipped only where mount is not permitted."""
+    with mounted_tmpfs("size=2m") as path:
+        yield path
+
+
+@pytest.fixture
+def huge_tmpfs() -> Iterator[str]:
+    """A 256 MiB tmpfs with shmem huge pages (``huge=within_size``) under /dev/shm."""
+    with mounted_tmpfs("size=256m,huge=within_size") as path:
+        yield path

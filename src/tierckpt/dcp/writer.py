@@ -29,6 +29,7 @@ from ..config import CheckpointConfig, require_config
 from ..destination import record_destination
 from ..drain import set_exit_wait
 from ..history import begin_upload, next_generation
+from ..hugepages import log_huge_pages_hint
 from ..leases import AttemptLease, lease_name
 from ..manifest import BlobInfo, RankManifest
 from ..nodemem import hold_namespace
@@ -106,6 +107,8 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             self.durable_done.set_result(None)
         self.memory = open_memory_tier(config)  # refuses an untrusted root; creates nothing
         hold_namespace(config, self.memory)  # this process owns the namespace's node memory
+        if process_rank() == 0:  # a tmpfs without huge pages: how to get faster saves
+            log_huge_pages_hint(self.memory.root, logger_for(config))
         # Never raises for the durable tier here: a rank failing alone before DCP's
         # collectives would hang the others. An unreachable tier fails the drain instead.
         self.durable = open_durable_tier(config, check=False) if self.save_to_durable else None
