@@ -346,6 +346,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _tmpfs_info(root: str) -> dict[str, str] | None:
+    """Where the run's tmpfs scratch lives and its page size policy (``huge=``)."""
+    from tierckpt.hugepages import mount_of
+
+    mount = mount_of(root)
+    return None if mount is None else {"dir": root, **asdict(mount)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     _system_modules()
@@ -371,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         command = shlex.join(["python", "-m", "benchmarks.run", *argv])
     meta = {
         "command": command,
-        "machine": report.machine_info(),
+        "machine": {**report.machine_info(), "tmpfs": _tmpfs_info(args.tmpfs or "/dev/shm")},
         "config": {
             "model": args.model,
             "scale": scale,
