@@ -239,7 +239,6 @@ def write_rank_part(
             crash_point("save.before_rename")
             in_made_dir(target, functools.partial(os.rename, buffer.path, target))
             crash_point("save.after_rename")
-            buffer.populate_mapping_later()  # for the file's reuse once its step is evicted
         else:
             release_buffer(memory, config, buffer)
     manifest = rank_manifest(

@@ -122,9 +122,7 @@ class StagingBuffer:
         self._fd = os.open(path, os.O_RDWR) if fd is None else fd
         self._digests: dict[int, tuple[int, str]] = {}
         try:
-            st = os.fstat(self._fd)
-            self._key = (st.st_dev, st.st_ino)
-            self.reused_bytes = st.st_size
+            self.reused_bytes = os.fstat(self._fd).st_size
             # Allocate the blocks now: a full tmpfs then fails here with ENOSPC instead of
             # killing the process with SIGBUS on a later write through the mapping.
             # Files made here are always fully allocated, so a reused one that covers the
@@ -318,13 +316,6 @@ class StagingBuffer:
         if self.watcher is not None:
             self.watcher.finish(size)
 
-    def populate_mapping_later(self) -> None:
-        """After a save filled this buffer with write(): fill its mapping's page tables in
-        the background, so the file's reuse after eviction copies at once (see
-        :meth:`_MappingCache.populate_later`)."""
-        if self.by_syscall and self._mmap is not None:
-            _MAPPINGS.populate_later(self._key)
-
     def abandon(self, reason: str) -> None:
         """This buffer will not become a committed data file: its watcher stops."""
         watcher, self.watcher = self.watcher, None
@@ -366,7 +357,6 @@ class _MappingCache:
         self._lock = threading.Lock()
         self._entries: dict[tuple[int, int], tuple[int, mmap.mmap]] = {}
         self._unpopulated: set[tuple[int, int]] = set()
-        self._warming: dict[tuple[int, int], _Warming] = {}
         self.hits = 0
 
     def get(self, fd: int, capacity: int, *, populate: bool = True) -> mmap.mmap:
@@ -379,8 +369,6 @@ class _MappingCache:
         """
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
-        if populate:
-            self._finish_warming(key)
         with self._lock:
             self.prune()
             entry = self._entries.get(key)
@@ -396,49 +384,6 @@ class _MappingCache:
             if not populate:
                 self._unpopulated.add(key)
             return mm
-
-    def populate_later(self, key: tuple[int, int]) -> None:
-        """Fill the page tables of this process's mapping of ``key`` (a file filled with
-        write(), mapped without them) on a thread at the lowest CPU priority.
-
-        The file's next save through this mapping then copies at memcpy speed instead of
-        paying a MAP_POPULATE pass first (about 0.22 s per GiB here). A save that wants the
-        mapping before the thread is done stops it and populates the rest itself.
-        """
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None or key not in self._unpopulated or key in self._warming:
-                return
-            try:
-                size = min(os.fstat(entry[0]).st_size, len(entry[1]))
-            except OSError:
-                return
-            warm = self._warming[key] = _Warming(entry[1], size)
-        threading.Thread(
-            target=self._warm, args=(key, entry, warm), name="tierckpt-populate", daemon=True
-        ).start()
-
-    def _warm(self, key: tuple[int, int], entry: tuple[int, mmap.mmap], warm: _Warming) -> None:
-        background_priority()  # the cores training leaves idle
-        whole = warm.run()
-        with self._lock:
-            if self._warming.get(key) is warm:
-                del self._warming[key]
-                if whole and self._entries.get(key) is entry:
-                    self._unpopulated.discard(key)
-
-    def _finish_warming(self, key: tuple[int, int]) -> None:
-        """Stop a background population of ``key`` and populate what it left, here."""
-        with self._lock:
-            warm = self._warming.pop(key, None)
-            entry = self._entries.get(key)
-        if warm is None:
-            return
-        rest = warm.stop()
-        if entry is not None and _populate(entry[1], rest, warm.size - rest):
-            with self._lock:
-                if self._entries.get(key) is entry:
-                    self._unpopulated.discard(key)
 
     def holds(self, path: str) -> bool:
         """True when this process has a mapping of the file at ``path``."""
@@ -459,68 +404,12 @@ class _MappingCache:
                 self._drop(key)
 
     def _drop(self, key: tuple[int, int]) -> None:
-        warm = self._warming.pop(key, None)
-        if warm is not None:
-            warm.stop()  # it touches the mapping no more: it can be unmapped
         self._unpopulated.discard(key)
         fd, mm = self._entries.pop(key)
         with contextlib.suppress(BufferError, ValueError):
             mm.close()  # fails while staged tensors still view it; then GC unmaps it
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-class _Warming:
-    """A background population of one mapping, chunk by chunk, that can be stopped."""
-
-    CHUNK = 8 << 20
-
-    def __init__(self, mm: mmap.mmap, size: int) -> None:
-        self.mm = mm
-        self.size = size
-        self.done = 0
-        self._stopped = False
-        self._lock = threading.Lock()
-
-    def run(self) -> bool:
-        """Populate ``[0, size)``; True when all of it is (not stopped, no error)."""
-        while self.done < self.size:
-            with self._lock:  # stop() waits for the chunk in progress
-                if self._stopped:
-                    return False
-                n = min(self.CHUNK, self.size - self.done)
-                if not _populate(self.mm, self.done, n):
-                    self._stopped = True
-                    return False
-                self.done += n
-        return True
-
-    def stop(self) -> int:
-        """Stop after the chunk in progress; the bytes populated so far."""
-        with self._lock:
-            self._stopped = True
-            return self.done
-
-
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+; older kernels refuse it and the save maps anew
-
-
-def _populate(mm: mmap.mmap, offset: int, nbytes: int) -> bool:
-    """madvise(MADV_POPULATE_WRITE) on ``[offset, offset + nbytes)`` of ``mm`` (the GIL is
-    released meanwhile); False if the kernel refused."""
-    if nbytes <= 0:
-        return True
-    import ctypes
-
-    addr = ctypes.c_void_p(_address(mm) + offset)
-    return int(_libc().madvise(addr, ctypes.c_size_t(nbytes), _MADV_POPULATE_WRITE)) == 0
-
-
-@functools.cache
-def _libc() -> Any:
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True)
 
 
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
