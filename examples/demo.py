@@ -41,8 +41,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def torchrun(train_args: list[str], *, verbose: bool, timeout: float, show: bool) -> None:
-    """Run train.py under torchrun; print its ``demo|`` lines (all lines with ``verbose``)."""
+def torchrun(train_args: list[str], *, verbose: bool, timeout: float, show: bool) -> list[str]:
+    """Run train.py under torchrun; print its ``demo|`` lines (all lines with ``verbose``);
+    its whole output."""
     cmd = [
         sys.executable,
         "-m",
@@ -98,6 +99,7 @@ def torchrun(train_args: list[str], *, verbose: bool, timeout: float, show: bool
     if proc.returncode != 0:
         dump(lines, verbose)
         raise DemoError(f"torchrun exited with status {proc.returncode}")
+    return lines
 
 
 def kill_group(proc: subprocess.Popen[str]) -> None:
@@ -196,8 +198,9 @@ def main() -> int:
         f"  memory tier : {memory_root}\n"
         f"  durable tier: {durable_root / namespace}"
     )
+    crashed_run: list[str] = []
     try:
-        torchrun(
+        crashed_run = torchrun(
             [
                 *common,
                 "--namespace",
@@ -223,7 +226,11 @@ def main() -> int:
             timeout=45,
             show=False,
         )
-        check(crashed, results(work_dir), durable_root / namespace, memory_root / namespace)
+        try:
+            check(crashed, results(work_dir), durable_root / namespace, memory_root / namespace)
+        except DemoError:
+            dump(crashed_run, args.verbose)  # what the crashed run's workers said
+            raise
     except DemoError as e:
         print(f"DEMO FAILED: {e}", file=sys.stderr)
         return 1
