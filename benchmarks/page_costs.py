@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import torch
 
+from tierckpt.hugepages import mount_of
+
 MADV_POPULATE_WRITE = 23
 MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
 CHUNK = 64 << 20
@@ -134,18 +136,6 @@ class Probe:
         }
 
 
-def _huge_pages(root: str) -> str:
-    """The ``huge=`` option ``root`` is mounted with ("huge=never" when it has none)."""
-    best, found = "", ""
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            _dev, mnt, _fs, opts, *_ = line.split()
-            if os.path.realpath(root).startswith(mnt) and len(mnt) > len(best):
-                best, found = mnt, opts
-    huge = [o for o in found.split(",") if o.startswith("huge=")]
-    return huge[0] if huge else "huge=never"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.page_costs")
     p.add_argument("--gib", type=float, default=0.5)
@@ -162,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         help="idle before each row, so the memory freed by the row before is cold again",
     )
     args = p.parse_args(argv)
+    mount = mount_of(args.root)
     torch.set_num_threads(1)
     directory = os.path.join(args.root, f"tierckpt-bench-pages-{os.getpid()}")
     os.makedirs(directory)
@@ -176,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(fn())
         mib = probe.n / 2**20
         print(
-            f"{args.gib} GiB in {args.root} ({_huge_pages(args.root)}), medians of {args.reps} "
+            f"{args.gib} GiB in {args.root} (huge={mount.huge if mount else '?'}), "
+            f"medians of {args.reps} "
             f"(worst in brackets), {args.cold_wait_s:g} s idle before each row"
         )
         for name, ts in times.items():
