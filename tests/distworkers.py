@@ -265,11 +265,20 @@ def list_tree(path: str) -> list[tuple[str, int]]:
 
 
 def tree_size(path: str) -> int:
-    total = 0
+    """Bytes of the files under ``path``, each file (inode) counted once.
+
+    Safe to sample while a save runs: a file renamed from one directory to another during
+    the walk can be seen in both, and is still counted once.
+    """
+    sizes: dict[tuple[int, int], int] = {}
     for dirpath, _, files in os.walk(path):
         for f in files:
-            total += os.path.getsize(os.path.join(dirpath, f))
-    return total
+            try:
+                st = os.stat(os.path.join(dirpath, f))
+            except FileNotFoundError:  # renamed or removed since the listing
+                continue
+            sizes[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(sizes.values())
 
 
 # --------------------------------------------------------------------------- models
