@@ -268,6 +268,39 @@ def test_put_file_is_multipart(fault_proxy: FaultProxy, s3_bucket: str, tmp_path
     assert bytes(tier.read("f")) == data
 
 
+@pytest.mark.parametrize("abort_fails", [False, True])
+@pytest.mark.parametrize("part", [1, 3])
+@pytest.mark.parametrize("how", ["write", "put_file"])
+def test_a_failed_part_leaves_no_open_multipart_upload(
+    fault_proxy: FaultProxy,
+    s3_server: S3Server,
+    s3_bucket: str,
+    tmp_path: object,
+    part: int,
+    how: str,
+    abort_fails: bool,
+) -> None:
+    """A part that fails, early or while the upload finishes, leaves no open upload whose
+    parts S3 would bill, also when obstore's own abort of it fails."""
+    tier = proxied(fault_proxy, s3_bucket, max_retries=0)
+    data = os.urandom(3 * PART)
+    path = os.path.join(str(tmp_path), "f.bin")
+    with open(path, "wb") as f:
+        f.write(data)
+    fault_proxy.fail_next("error500", method="PUT", path_contains=f"partNumber={part}&")
+    if abort_fails:
+        fault_proxy.fail_next("error500", method="DELETE", path_contains="uploadId=")
+    with pytest.raises(DurableTierError, match="HTTP 500"):
+        if how == "write":
+            tier.write("k", [data[i : i + MiB] for i in range(0, len(data), MiB)])
+        else:
+            tier.put_file("k", path)
+    client = s3_server.client()
+    assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    assert "k" not in tier.list("")
+    assert len(statuses(fault_proxy, "PUT", "partNumber=")) >= part
+
+
 def test_read_ranges(fault_proxy: FaultProxy, s3_bucket: str) -> None:
     tier = proxied(fault_proxy, s3_bucket)
     data = os.urandom(12 * MiB)

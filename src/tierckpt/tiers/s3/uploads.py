@@ -98,6 +98,7 @@ class Uploads(ErrorHandling):
                 max_concurrency=self.max_concurrency,
             )
         except Exception as e:
+            self._abort_left_open(key)
             if raised and e is raised[0]:
                 raise
             err = self._translate(e, "multipart PUT", key)
@@ -114,18 +115,50 @@ class Uploads(ErrorHandling):
         """Upload a local file; obstore reads it part by part (multipart above ``part_size``)."""
         self._check_key(key)
         size = os.stat(path).st_size
-        self._call(
-            "PUT",
-            key,
-            lambda: self._ob.put(
-                self._store,
+        try:
+            self._call(
+                "PUT",
                 key,
-                Path(path),
-                chunk_size=self.part_size,
-                max_concurrency=self.max_concurrency,
-            ),
-        )
+                lambda: self._ob.put(
+                    self._store,
+                    key,
+                    Path(path),
+                    chunk_size=self.part_size,
+                    max_concurrency=self.max_concurrency,
+                ),
+            )
+        except Exception:
+            if size > self.part_size:
+                self._abort_left_open(key)
+            raise
         return size
+
+    def _abort_left_open(self, key: str) -> None:
+        """After a failed multipart upload of ``key``: abort what it left open.
+
+        obstore aborts a failed upload itself, but when that abort fails too (the endpoint
+        that failed the part is often still failing) the parts stay, billed, until a
+        lifecycle rule removes them. This upload was the key's only writer (keys name their
+        attempt and rank) and has stopped, so every open upload of exactly ``key`` is its.
+        Best effort: the upload's own error is what the caller gets.
+        """
+        try:
+            aborted = self._abort_uploads(key, exact=True)
+        except Exception as e:
+            _log.warning(
+                "The failed upload of %s may have left its parts open in S3 (aborting them "
+                "failed too: %s); a later resume aborts them, or give the bucket a lifecycle "
+                "rule with AbortIncompleteMultipartUpload.",
+                self._object(key),
+                first_line(e),
+            )
+            return
+        if aborted:
+            _log.debug(
+                "Aborted %d multipart upload(s) left open by a failed upload of %s.",
+                aborted,
+                self._object(key),
+            )
 
     def discard_partial(self, prefix: str) -> int:
         """Abort the open multipart uploads of keys that start with ``prefix``; how many.
@@ -141,6 +174,11 @@ class Uploads(ErrorHandling):
         """
         if prefix.startswith("/") or ".." in prefix.split("/"):
             raise ValueError(f"invalid prefix {prefix!r}")
+        return self._abort_uploads(prefix, exact=False)
+
+    def _abort_uploads(self, prefix: str, *, exact: bool) -> int:
+        """Abort the open uploads of keys under ``prefix`` (only of key ``prefix`` if
+        ``exact``); how many."""
         if self._boto3 is None:
             self._boto3 = boto3_client(
                 endpoint_url=self.endpoint_url,
@@ -154,8 +192,8 @@ class Uploads(ErrorHandling):
             if not _warned_no_boto3.is_set():
                 _warned_no_boto3.set()
                 _log.warning(
-                    "Cannot abort the multipart uploads left in %s by a killed writer: that "
-                    "needs boto3 (pip install boto3). Give the bucket a lifecycle rule with "
+                    "Cannot abort the multipart uploads left in %s by a killed or failed writer: "
+                    "that needs boto3 (pip install boto3). Give the bucket a lifecycle rule with "
                     "AbortIncompleteMultipartUpload instead.",
                     self.url,
                 )
@@ -166,6 +204,8 @@ class Uploads(ErrorHandling):
             pages = client.get_paginator("list_multipart_uploads")
             for page in pages.paginate(Bucket=self.bucket, Prefix=full):
                 for up in page.get("Uploads", []):
+                    if exact and up["Key"] != full:
+                        continue
                     try:
                         client.abort_multipart_upload(
                             Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"]
