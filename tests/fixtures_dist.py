@@ -1,7 +1,8 @@
 """Distributed-test fixtures: a gloo process launcher and tmpfs / directory roots.
 
-``run_ranks(fn, world_size, *args)`` starts ``world_size`` real processes with the
-"spawn" start method; each joins a gloo process group (MASTER_ADDR=127.0.0.1 and a free
+``run_ranks(fn, world_size, *args)`` starts ``world_size`` real processes, forked from a
+forkserver that has imported torch, tierckpt and the worker modules (see
+:class:`PreloadedStarts`; ``TIERCKPT_TEST_START=spawn`` starts them with "spawn"); each joins a gloo process group (MASTER_ADDR=127.0.0.1 and a free
 MASTER_PORT) and runs ``fn(rank, world_size, *args)``, a module-level function of
 ``distworkers``. It returns every rank's (picklable) result in rank order, raises an
 AssertionError that carries the traceback of every failing rank, kills ranks that outlive
@@ -64,15 +65,37 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class _Launcher:
+    """What a rank takes from the process that launches it, as a spawned child would: a
+    forkserver's children otherwise inherit the server's environment, cwd and sys.path."""
+
+    env: dict[str, str]
+    cwd: str
+    path: list[str]
+
+    @classmethod
+    def now(cls) -> _Launcher:
+        return cls(dict(os.environ), os.getcwd(), list(sys.path))
+
+    def apply(self) -> None:
+        os.environ.clear()
+        os.environ.update(self.env)
+        os.chdir(self.cwd)
+        sys.path[:] = self.path
+
+
 def _rank_entry(
     fn: Callable[..., Any],
     rank: int,
     world_size: int,
     port: int,
     out_dir: str,
+    launcher: _Launcher,
     args: tuple[Any, ...],
 ) -> None:
-    """Body of one rank process (runs in the spawned child)."""
+    """Body of one rank process (runs in the started child)."""
+    launcher.apply()
     # Own process group, so the launcher can kill this rank and anything it spawned.
     os.setpgid(0, 0)
     # SIGUSR1 dumps every thread's stack into the output dir (sent before a timeout kill).
@@ -144,7 +167,8 @@ def _reported_error(out_dir: str, rank: int) -> bool:
 
 class PreloadedStarts:
     """Stands in for ``multiprocessing`` here: rank processes are forked from a forkserver
-    that has already imported torch, tierckpt and the given worker modules.
+    that has already imported torch, tierckpt and the given worker modules. Each rank
+    takes the launching process's environment, cwd and sys.path (:class:`_Launcher`).
 
     Each launch then costs ~0.1 s instead of ~2.3 s of imports; the ranks are still fresh
     processes (the server never ran a torch op, a collective or a save).
@@ -161,27 +185,45 @@ class PreloadedStarts:
 
 
 _PRELOADED: list[PreloadedStarts] = []
+WORKER_MODULES = sorted(
+    p.stem
+    for p in Path(__file__).parent.glob("*.py")
+    if p.stem.endswith("workers") or p.stem.startswith("workers_")
+)
+"""Preloaded by the forkserver: every module of rank functions in this directory."""
+START_ENV = "TIERCKPT_TEST_START"
+
+
+def _starts() -> Any:
+    """Where rank processes come from: the shared forkserver, or ``multiprocessing``'s
+    "spawn" when ``TIERCKPT_TEST_START=spawn`` (each rank imports everything itself)."""
+    if os.environ.get(START_ENV, "forkserver") == "spawn":
+        return mp
+    if not _PRELOADED:
+        _PRELOADED.append(PreloadedStarts(WORKER_MODULES))
+    return _PRELOADED[0]
 
 
 def use_preloaded_starts(monkeypatch: pytest.MonkeyPatch, modules: list[str]) -> None:
-    """Start this test's ranks from the forkserver (one per pytest process: the first
-    caller's ``modules`` are preloaded, others' import in each rank, after torch)."""
+    """Start this test's ranks from the forkserver even under ``TIERCKPT_TEST_START=spawn``
+    (one per pytest process, preloading every worker module and ``modules``)."""
     if not _PRELOADED:
-        _PRELOADED.append(PreloadedStarts(modules))
-    monkeypatch.setattr(sys.modules[__name__], "mp", _PRELOADED[0])
+        _PRELOADED.append(PreloadedStarts(sorted({*WORKER_MODULES, *modules})))
+    monkeypatch.setattr(sys.modules[__name__], "_starts", lambda: _PRELOADED[0])
 
 
 def launch_ranks(
     fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0
 ) -> list[RankOutcome]:
     """Run ``fn`` on ``world_size`` gloo ranks; report each rank's outcome, never raise."""
-    ctx = mp.get_context("spawn")
+    ctx = _starts().get_context("spawn")
     out_dir = tempfile.mkdtemp(prefix="tierckpt-ranks-")
     port = _free_port()
+    launcher = _Launcher.now()
     procs = [
         ctx.Process(
             target=_rank_entry,
-            args=(fn, rank, world_size, port, out_dir, args),
+            args=(fn, rank, world_size, port, out_dir, launcher, args),
             name=f"rank{rank}",
             daemon=False,
         )
