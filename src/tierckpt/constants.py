@@ -24,6 +24,10 @@ ALIGN = 64
 # -- copies and checksums --
 HASH_CHUNK = 4 << 20
 """Bytes copied then hashed at a time, so each chunk is hashed while it is in cache."""
+READ_HASH_CHUNK = 1 << 20
+"""The same for a load's ``preadv`` out of the memory tier: 1 MiB pieces read and verify
+1 GiB in 1-14 % less time than 4 MiB ones here (4 runs), while a save's copy is as fast or
+faster at 4 MiB (``python -m benchmarks.hash_chunk``, results/issue9-hash-chunk)."""
 HASH_WHILE_STAGING = False
 """Whether ``async_save`` checksums each chunk as it stages it (in cache) instead of in a
 second pass over the staged bytes in the background. Off: measured here (2 ranks, 0.5 GiB,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
-from ..constants import HASH_CHUNK
+from ..constants import READ_HASH_CHUNK
 from ..errors import UnsafeMemoryRootError
 from .base import KeyNotFoundError
 from .directory import DirectoryTier
@@ -71,7 +71,9 @@ class MemoryTier(DirectoryTier):
             ) from e
         return SharedRead(fd, key)
 
-    def read_into(self, key: str, offset: int, out: memoryview, chunk: int = HASH_CHUNK) -> str:
+    def read_into(
+        self, key: str, offset: int, out: memoryview, chunk: int = READ_HASH_CHUNK
+    ) -> str:
         """Read ``len(out)`` bytes of ``key`` at ``offset`` into ``out``; their digest."""
         with self.open_shared(key) as f:
             return f.read_into(offset, out, chunk)
@@ -90,7 +92,7 @@ class SharedRead:
         self._fd = fd
         self.key = key
 
-    def read_into(self, offset: int, out: memoryview, chunk: int = HASH_CHUNK) -> str:
+    def read_into(self, offset: int, out: memoryview, chunk: int = READ_HASH_CHUNK) -> str:
         """Read ``len(out)`` bytes at ``offset`` into ``out``; their xxh3-128 digest.
 
         One pass: each chunk is hashed while it is still in cache. Raises
