@@ -14,6 +14,8 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -238,3 +240,36 @@ def test_d19_ranks_of_a_node_staging_together_never_exceed_the_memory_budget(
     # Only one more part fits: the save fails on some rank with MemoryBudgetError.
     assert res["error"], "both ranks' parts fit a budget sized for one"
     assert any("MemoryBudgetError" in e["types"] for e in res["error"]), res["error"]
+
+
+def test_d19_usage_counts_a_file_another_rank_moves_while_the_tree_is_walked(
+    memory_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget check's usage walk must not miss a part renamed behind it (from the
+    staging directory into its step): that let two ranks' parts into room for one."""
+    from tierckpt.tiers.memory import MemoryTier
+
+    tier = MemoryTier(memory_root)
+    tier.ensure_root("ns")
+    dirs = [os.path.join(memory_root, "ns", d) for d in (".staging", "step_2")]
+    for d in dirs:
+        os.makedirs(d)
+    with open(os.path.join(memory_root, "ns", "other"), "wb") as f:
+        f.write(b"x" * 1000)
+    order = [p for p, _, _ in os.walk(memory_root) if p in dirs]
+    first, later = order  # the part sits where the walk looks last, and moves where it looked
+    part = os.path.join(later, "part")
+    with open(part, "wb") as f:
+        f.write(os.urandom(1 << 20))
+    real_walk, moved = os.walk, []
+
+    def walk_with_a_rename_behind_it(top: str, *args: Any, **kw: Any) -> Iterator[Any]:
+        for entry in real_walk(top, *args, **kw):
+            yield entry
+            if entry[0] == first and not moved:  # another rank's rename, right now
+                os.rename(part, os.path.join(first, "part"))
+                moved.append(True)
+
+    monkeypatch.setattr(os, "walk", walk_with_a_rename_behind_it)
+    assert tier.usage_bytes() == 1000 + (1 << 20)
+    assert moved

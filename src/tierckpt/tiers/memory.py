@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
-from ..constants import READ_HASH_CHUNK
+from ..constants import READ_HASH_CHUNK, USAGE_WALKS
 from ..errors import UnsafeMemoryRootError
 from .base import KeyNotFoundError
+from .directory import _TMP_MARK as TMP_MARK
 from .directory import DirectoryTier
 
 if TYPE_CHECKING:
@@ -27,6 +28,39 @@ class MemoryTier(DirectoryTier):
 
     def __init__(self, root: str) -> None:
         super().__init__(root, name="memory", dir_mode=0o700, durable_sync=False)
+
+    def usage_bytes(self) -> int:
+        """Bytes held under the root (every namespace), each file counted once.
+
+        Other ranks move files between directories while this walks the tree (a save's
+        buffer from ``.staging/`` into its step, an evicted file into the pool), and one
+        walk can miss a file moved behind it: the budget check would then admit a second
+        part that does not fit. So it walks until two walks see the same files, at most
+        ``USAGE_WALKS`` times, and else counts every file any walk saw (never less).
+        """
+        seen: dict[tuple[int, int], int] = {}
+        last: dict[tuple[int, int], int] | None = None
+        for _ in range(USAGE_WALKS):
+            now = self._file_sizes()
+            if now == last:
+                return sum(now.values())
+            seen.update(now)
+            last = now
+        return sum(seen.values())
+
+    def _file_sizes(self) -> dict[tuple[int, int], int]:
+        """``{(device, inode): size}`` of the files under the root, as one walk sees them."""
+        out: dict[tuple[int, int], int] = {}
+        for dirpath, _dirs, files in os.walk(self.root):
+            for fname in files:
+                if TMP_MARK in fname:
+                    continue
+                try:
+                    st = os.stat(os.path.join(dirpath, fname), follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                out[(st.st_dev, st.st_ino)] = st.st_size
+        return out
 
     def ensure_root(self, namespace: str | None = None) -> None:
         """Create the root (and ``namespace``'s directory) 0700 if missing; refuse untrusted ones."""
