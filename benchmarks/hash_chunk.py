@@ -26,13 +26,10 @@ from tierckpt.staging import StagingBuffer
 from tierckpt.tiers.memory import MemoryTier
 
 
-def _timed(fn: Callable[[], object], reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+def _seconds(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,18 +90,17 @@ def main(argv: list[str] | None = None) -> None:
         times: dict[str, list[float]] = {label: [] for label, _ in cases}
         for _ in range(a.reps):  # interleaved: a noisy stretch hits every case alike
             for label, fn in cases:
-                times[label] += _timed(fn, 1)
+                times[label].append(_seconds(fn))
                 for buf in buffers:
                     buf.close()
                 buffers.clear()
-        rows = list(times.items())
         shared.close()
         os.close(fd)
         gib = nbytes / (1 << 30)
         print(f"{gib:.2f} GiB, one process, {a.reps} reps, root {a.root}")
         print("| path | median ms | worst ms | GB/s (median) |")
         print("|---|---|---|---|")
-        for label, ts in rows:
+        for label, ts in times.items():
             med = statistics.median(ts)
             print(f"| {label} | {med * 1e3:.0f} | {max(ts) * 1e3:.0f} | {nbytes / med / 1e9:.1f} |")
     finally:

@@ -2,8 +2,8 @@
 
 ``run_ranks(fn, world_size, *args)`` starts ``world_size`` real processes, forked from a
 forkserver that has imported torch, tierckpt and the worker modules (see
-:class:`PreloadedStarts`; ``TIERCKPT_TEST_START=spawn`` starts them with "spawn"); each joins a gloo process group (MASTER_ADDR=127.0.0.1 and a free
-MASTER_PORT) and runs ``fn(rank, world_size, *args)``, a module-level function of
+:class:`PreloadedStarts`; ``TIERCKPT_TEST_START=spawn`` starts them with "spawn"); each
+joins a gloo process group (MASTER_ADDR=127.0.0.1 and a free MASTER_PORT) and runs ``fn(rank, world_size, *args)``, a module-level function of
 ``distworkers``. It returns every rank's (picklable) result in rank order, raises an
 AssertionError that carries the traceback of every failing rank, kills ranks that outlive
 the timeout, and always reaps every process it started (and their children).
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import functools
 import multiprocessing as mp
 import os
 import pickle
@@ -184,7 +185,6 @@ class PreloadedStarts:
         return self._ctx
 
 
-_PRELOADED: list[PreloadedStarts] = []
 WORKER_MODULES = sorted(
     p.stem
     for p in Path(__file__).parent.glob("*.py")
@@ -194,22 +194,18 @@ WORKER_MODULES = sorted(
 START_ENV = "TIERCKPT_TEST_START"
 
 
+@functools.cache
+def _forkserver() -> PreloadedStarts:
+    """The forkserver of this pytest process (started at its first launch)."""
+    return PreloadedStarts(WORKER_MODULES)
+
+
 def _starts() -> Any:
     """Where rank processes come from: the shared forkserver, or ``multiprocessing``'s
     "spawn" when ``TIERCKPT_TEST_START=spawn`` (each rank imports everything itself)."""
     if os.environ.get(START_ENV, "forkserver") == "spawn":
         return mp
-    if not _PRELOADED:
-        _PRELOADED.append(PreloadedStarts(WORKER_MODULES))
-    return _PRELOADED[0]
-
-
-def use_preloaded_starts(monkeypatch: pytest.MonkeyPatch, modules: list[str]) -> None:
-    """Start this test's ranks from the forkserver even under ``TIERCKPT_TEST_START=spawn``
-    (one per pytest process, preloading every worker module and ``modules``)."""
-    if not _PRELOADED:
-        _PRELOADED.append(PreloadedStarts(sorted({*WORKER_MODULES, *modules})))
-    monkeypatch.setattr(sys.modules[__name__], "_starts", lambda: _PRELOADED[0])
+    return _forkserver()
 
 
 def launch_ranks(

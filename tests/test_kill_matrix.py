@@ -16,8 +16,8 @@ one named crash point (``TIERCKPT_CRASH_AT``; the other rank is SIGKILLed with i
 A rank's part upload starts in write_data(), before the memory COMMIT, so a crash in it
 (``RACING_COMMIT``) may land before or after that COMMIT: either step is accepted as the
 last committed save, and the files say which one it was. Rank processes are forked from a
-forkserver that has imported torch already (``fast_rank_starts``), so the ~60 jobs of the
-matrix cost seconds of start-up, not minutes.
+forkserver that has imported torch already (``fixtures_dist.PreloadedStarts``), so the ~60
+jobs of the matrix cost seconds of start-up, not minutes.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from typing import Any
 
 import pytest
 
-import fixtures_dist
 import workers_kill as wk
 from fixtures_dist import SHM, RankOutcome, launch_ranks
 
@@ -295,11 +294,6 @@ def _durable_gaps(durable_dir: str, steps: list[int], memory_commits: dict[int, 
 
 
 # --------------------------------------------------------------------------- the matrix
-
-
-@pytest.fixture(autouse=True)
-def fast_rank_starts(monkeypatch: pytest.MonkeyPatch) -> None:
-    fixtures_dist.use_preloaded_starts(monkeypatch, ["workers_kill"])
 
 
 @pytest.fixture

@@ -20,16 +20,10 @@ from typing import Any
 
 import pytest
 
-import fixtures_dist
 import workers_multinode as wm
 from fixtures_dist import launch_ranks, run_ranks
 
 NS = "mn"
-
-
-@pytest.fixture(autouse=True)
-def fast_rank_starts(monkeypatch: pytest.MonkeyPatch) -> None:
-    fixtures_dist.use_preloaded_starts(monkeypatch, ["workers_multinode"])
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ __all__ = ["DirectoryTier", "fsync_dir", "in_made_dir", "remove_quietly"]
 
 _T = TypeVar("_T")
 
-_TMP_MARK = ".tmp-"
+TMP_MARK = ".tmp-"
 _OWN_TMP = re.compile(r"(?P<key>.+)\.tmp-\d+(?:-[0-9a-f]{16})?")
 """This tier's temporaries: ``<key>.tmp-<pid>-<16 hex>`` (``<key>.tmp-<pid>`` before 0.2)."""
 
@@ -93,7 +93,7 @@ class DirectoryTier:
 
     def _tmp_path(self, key: str) -> str:
         # pid and a random token: writers on two hosts sharing a directory can share a pid.
-        return f"{self.path(key)}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(8)}"
+        return f"{self.path(key)}{TMP_MARK}{os.getpid()}-{secrets.token_hex(8)}"
 
     def _makedirs(self, key: str) -> None:
         """Create the directories of ``key``; with ``durable_sync``, fsync each new one's parent."""
@@ -202,7 +202,7 @@ class DirectoryTier:
         for dirpath, _dirs, files in os.walk(base):
             rel_dir = os.path.relpath(dirpath, base)
             for fname in files:
-                if _TMP_MARK in fname:
+                if TMP_MARK in fname:
                     continue
                 rel = fname if rel_dir == "." else f"{rel_dir}/{fname}"
                 try:

@@ -14,8 +14,7 @@ import xxhash
 from ..constants import READ_HASH_CHUNK, USAGE_WALKS
 from ..errors import UnsafeMemoryRootError
 from .base import KeyNotFoundError
-from .directory import _TMP_MARK as TMP_MARK
-from .directory import DirectoryTier
+from .directory import TMP_MARK, DirectoryTier
 
 if TYPE_CHECKING:
     from ..config import CheckpointConfig
