@@ -23,6 +23,7 @@ CEILING = "memcpy"
 DCP_TMPFS = "dcp-fs-tmpfs"
 PREADV = "preadv-tmpfs"
 CACHED = "tierckpt-memory-cached"
+MANAGER = "tierckpt-manager"
 TARGETS = (
     # (key, ratio, comparison, threshold, text)
     (
@@ -253,6 +254,8 @@ def _ratios(systems: dict[str, Any]) -> dict[str, float]:
         "cached_async_blocked_vs_bare_copy": ratio(
             med(CACHED, "async_blocked_s"), med(c, "save_s")
         ),
+        "manager_save_vs_memcpy": ratio(med(MANAGER, "save_mibs"), med(c, "save_mibs")),
+        "manager_async_total_vs_bare_copy": ratio(med(MANAGER, "async_total_s"), med(c, "save_s")),
         "load_vs_preadv": ratio(med(t, "load_mibs"), med(PREADV, "load_mibs")),
         "preadv_load_vs_memcpy": ratio(med(PREADV, "load_mibs"), med(c, "load_mibs")),
         "save_vs_memcpy": ratio(med(t, "save_mibs"), med(c, "save_mibs")),
@@ -349,6 +352,8 @@ def table(result: dict[str, Any]) -> str:
             "cached_save_vs_memcpy",
             "cached_async_total_vs_bare_copy",
             "cached_async_blocked_vs_bare_copy",
+            "manager_save_vs_memcpy",
+            "manager_async_total_vs_bare_copy",
         ):
             extra = result["ratios"].get(key)
             if extra is not None:

@@ -36,6 +36,7 @@ DEFAULT_SYSTEMS = (
     "dcp-noop-cached",
     "tierckpt-memory",
     "tierckpt-memory-cached",
+    "tierckpt-manager",
     "tierckpt-memory+durable",
     "dcp-fs-tmpfs",
     "dcp-fs-disk",

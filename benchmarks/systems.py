@@ -443,6 +443,44 @@ class TierckptCached(TierckptMemory):
 
 
 @register
+class TierckptManager(TierckptMemory):
+    name = "tierckpt-manager"
+    about = (
+        "CheckpointManager at its defaults (caches DCP's plans under a key of its own); "
+        "save: async_save=False, async: the default async manager"
+    )
+
+    def __init__(self, ctx: RankContext) -> None:
+        super().__init__(ctx)
+        self._managers: dict[bool, tierckpt.CheckpointManager] = {}
+
+    def _manager(self, asynchronous: bool) -> tierckpt.CheckpointManager:
+        # Built at the first save of each kind, on every rank at once (it makes gloo groups).
+        if asynchronous not in self._managers:
+            self._managers[asynchronous] = tierckpt.CheckpointManager(
+                self.config(), every_steps=1, async_save=asynchronous, preemption=False
+            )
+        return self._managers[asynchronous]
+
+    def save(self, state: State, step: int) -> None:
+        mgr = self._manager(False)
+        mgr.save(step, state.dcp, force=True)
+        mgr.wait()
+
+    def async_save(self, state: State, step: int) -> Pending:
+        mgr = self._manager(True)
+        mgr.save(step, state.dcp, force=True)
+        pending = mgr.pending
+        assert pending is not None
+        return Pending(done=pending.committed.result)
+
+    def close(self) -> None:
+        for mgr in self._managers.values():
+            mgr.close()
+        self._managers.clear()
+
+
+@register
 class TierckptDurable(TierckptMemory):
     name = "tierckpt-memory+durable"
     about = (

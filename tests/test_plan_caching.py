@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 import workers_plan_cache as wp
 from fixtures_dist import run_ranks
 
@@ -40,3 +42,21 @@ def test_cached_plans_give_every_save_its_own_attempts_and_generation_and_rewind
         for save, loaded in zip(saves[r], ranks[r]["loads"], strict=True):
             assert loaded["step"] == save["step"], (loaded["step"], save["step"])
             assert loaded["loaded"] == save["saved"], save["step"]
+
+
+@pytest.mark.parametrize("plan_caching", [True, False])
+def test_the_manager_caches_plans_by_default_and_a_changed_dtype_gets_new_metadata(
+    config_factory: Any, plan_caching: bool
+) -> None:
+    cfg = config_factory(memory_keep_last=5)
+    ranks = run_ranks(wp.w_manager_caches_plans, 2, cfg, plan_caching, timeout=240)
+    for r in ranks:
+        replayed = [s["replayed"] for s in r["saves"]]
+        # Unchanged plans are replayed (steps 2 and 4); a new key (3) and a dtype change at
+        # the same shape (5, which DCP's own comparison takes as unchanged) are planned anew.
+        assert replayed == ([False, True, False, True, False] if plan_caching else [False] * 5)
+        dtypes = [s["more_dtype"] for s in r["saves"]]
+        assert dtypes == [None, None, "torch.float32", "torch.float32", "torch.bfloat16"]
+        assert all(s["same"] and s["loaded_step"] == s["step"] for s in r["saves"]), r["saves"]
+        assert r["cached_before_close"] is plan_caching
+        assert r["cached_after_close"] is False

@@ -76,3 +76,69 @@ def w_cached_plans(rank: int, world_size: int, cfg: CheckpointConfig) -> dict[st
         info = load(cfg, target)
         out["loads"].append({"step": info["step"], "loaded": fingerprint(target)})
     return out
+
+
+def w_manager_caches_plans(
+    rank: int, world_size: int, cfg: CheckpointConfig, plan_caching: bool
+) -> dict[str, Any]:
+    """A CheckpointManager at its defaults (async saves, every step) through five saves:
+    an unchanged state, a new key (as an optimizer's state appears after its first step),
+    and a tensor that changes dtype at the same shape. Records per save whether DCP replayed
+    this rank's plan and what the committed metadata says, then a restore of every save."""
+    from torch.distributed.checkpoint.planner import SavePlanner
+
+    import tierckpt.manager as manager_module
+    from tierckpt import CheckpointManager, TieredStorageReader
+
+    writers: list[PlanRecordingWriter] = []
+
+    class Recording(PlanRecordingWriter):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            writers.append(self)
+
+    manager_module.TieredStorageWriter = Recording  # type: ignore[misc]
+
+    def state(step: int) -> dict[str, Any]:
+        sd = sharded_state(step, world_size)
+        if step >= 3:
+            sd["more"] = torch.full((5,), float(step))
+        if step >= 5:
+            sd["more"] = sd["more"].to(torch.bfloat16)
+        return sd
+
+    out: dict[str, Any] = {"saves": []}
+    mgr = CheckpointManager(cfg, every_steps=1, preemption=False, plan_caching=plan_caching)
+    key = mgr._plan_key
+    for step in range(1, 6):
+        sd = state(step)
+        mgr.save(step, sd)
+        mgr.wait()
+        meta = TieredStorageReader(cfg, step=step).read_metadata()
+        target = blank_sharded_state(world_size)
+        if step >= 3:
+            target["more"] = torch.zeros(5, dtype=sd["more"].dtype)
+        restored = CheckpointManager(cfg, every_steps=1, preemption=False)
+        loaded = restored.restore(target, step=step)
+        restored.close()
+        out["saves"].append(
+            {
+                "step": step,
+                "replayed": writers[-1].replayed,
+                "more_dtype": str(meta.state_dict_metadata["more"].properties.dtype)
+                if "more" in meta.state_dict_metadata
+                else None,
+                "loaded_step": loaded,
+                "same": fingerprint(target) == fingerprint(sd),
+            }
+        )
+
+    def cached() -> bool:  # the coordinator keeps all plans, every rank its own
+        return any(
+            key in getattr(SavePlanner, name) for name in ("_cached_all_plans", "_cached_save_plan")
+        )
+
+    out["cached_before_close"] = cached()
+    mgr.close()
+    out["cached_after_close"] = cached()
+    return out

@@ -19,6 +19,7 @@ import datetime
 import logging
 import signal
 import time
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -36,6 +37,7 @@ from ._log import logger_for
 from .api import _typed
 from .api import load as tierckpt_load
 from .config import CheckpointConfig, require_config
+from .dcp.plan_cache import CachedSavePlanner, forget_plans, new_cache_key, plan_caching_available
 from .dcp.writer import TieredStorageWriter
 from .durable_gc import apply_gc, plan_gc
 from .errors import CheckpointNotFoundError, ConfigError
@@ -92,6 +94,7 @@ class CheckpointManager:
         grace_s: float = 120.0,
         exit_code: int = 143,
         signals: Sequence[int] = (signal.SIGTERM,),
+        plan_caching: bool = True,
     ) -> None:
         self.config = require_config(config)
         self.log: logging.Logger = logger_for(self.config)
@@ -126,6 +129,10 @@ class CheckpointManager:
         self.watcher = PreemptionWatcher(signals, self.log) if preemption else None
         if self.watcher is not None:
             self.watcher.install()
+        self._plan_key: str | None = None
+        if plan_caching and plan_caching_available():
+            self._plan_key = new_cache_key("CheckpointManager")
+            weakref.finalize(self, forget_plans, self._plan_key)
         self._closed = False
         metrics.track(self.config)
 
@@ -184,14 +191,15 @@ class CheckpointManager:
     def _start(self, step: int, state: dict[str, Any], durable: bool) -> None:
         t0 = time.perf_counter()
         writer = TieredStorageWriter(self.config, step=step, save_to_durable=durable)
+        planner = CachedSavePlanner(self._plan_key) if self._plan_key is not None else None
         try:
             if self.async_save:
                 resp: Any = dcp.async_save(
-                    state, storage_writer=writer, process_group=self._save_pg
+                    state, storage_writer=writer, planner=planner, process_group=self._save_pg
                 )
                 fut = getattr(resp, "upload_completion", resp)
             else:
-                dcp.save(state, storage_writer=writer, process_group=self._save_pg)
+                dcp.save(state, storage_writer=writer, planner=planner, process_group=self._save_pg)
                 fut = Future()
                 fut.set_result(None)
         except CheckpointException as e:
@@ -294,6 +302,10 @@ class CheckpointManager:
             with contextlib.suppress(BaseException):
                 pending.committed.result(timeout=timeout_s + 5.0)
         self._durable_futures = []
+        if self._plan_key is not None:  # plans of the old group's ranks: plan anew
+            self._forget_plans(pending)
+            self._plan_key = new_cache_key("CheckpointManager")
+            weakref.finalize(self, forget_plans, self._plan_key)
         if not dist_ready():
             return
         self.rank = dist.get_rank()
@@ -362,8 +374,20 @@ class CheckpointManager:
                     except Exception as e:
                         self.log.error("tierckpt: step %d not durable at close: %s", d.step, e)
         finally:
+            self._forget_plans(self._pending)
             if self.watcher is not None:
                 self.watcher.uninstall()
+
+    def _forget_plans(self, pending: PendingSave | None) -> None:
+        """Free this manager's cached plans once ``pending`` (which may still read them, DCP
+        plans an async save on its own thread) is done."""
+        key = self._plan_key
+        if key is None:
+            return
+        if pending is None or pending.committed.done():
+            forget_plans(key)
+        else:
+            pending.committed.add_done_callback(lambda _: forget_plans(key))
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -103,7 +103,8 @@ def plan_peers(config: CheckpointConfig, reports: Sequence[_Report]) -> Peers:
             f"{[r for r, a in enumerate(addresses) if a is None]} run no peer service (their "
             "LOCAL_WORLD_SIZE equals world_size?): set LOCAL_WORLD_SIZE (torchrun does) or "
             "CheckpointConfig(local_world_size=...). Commits reach their nodes with the next "
-            "save, and nothing is replicated.",
+            "save whose plans are not replayed from DCP's plan cache, and nothing is "
+            "replicated.",
         )
         return peers
     return Peers(nodes, addresses, min(config.replicas, distinct - 1))  # type: ignore[arg-type]
