@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import workers_no_hangs as w
 from fixtures_dist import run_ranks
 
@@ -123,3 +125,22 @@ def test_i4_a_corrupt_blob_only_rank_1_needs_fails_every_rank_with_rank_1s_typed
         assert "StepUnloadableError" in error["types"] and "IntegrityError" in error["types"]
         assert error["failure_ranks"] == [1]
         assert error["failure_types"] == {1: "StepUnloadableError"}
+
+
+@pytest.mark.parametrize("group", ["default", "own", "process"])
+def test_i3_destroy_process_group_right_after_async_save_waits_and_the_step_commits(
+    config_factory, group
+):
+    # The seed's complete example ends this way; the last save used to fail ("Connection
+    # closed by peer") or hang the exit.
+    cfg = config_factory(collective_timeout_s=60)
+
+    results = run_ranks(w.w_destroy_with_an_async_save_in_flight, 2, cfg, group, timeout=180)
+
+    for res in results:
+        assert res["error"] is None, res
+        assert res["committed"] == [1, 2, 3], res
+        if group != "process":
+            assert res["done_at_destroy"], res  # destroy waited for the save's collectives
+        # ... and for nothing else: a process-based save runs its collectives elsewhere.
+        assert res["destroy_s"] < 20, res

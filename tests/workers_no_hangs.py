@@ -98,3 +98,48 @@ def w_corrupt_blob_only_rank1_needs(rank: int, world_size: int, cfg: CheckpointC
     except tierckpt.TierckptError as e:
         return _error(e)
     return None
+
+
+def w_destroy_with_an_async_save_in_flight(
+    rank: int, world_size: int, cfg: CheckpointConfig, group: str
+) -> Any:
+    """Async saves of steps 1-3 as the seed's example makes them (waiting for the previous
+    one), then ``dist.destroy_process_group()`` right after the last ``async_save`` returns.
+    ``group``: "default" (the save's collectives run on the group being destroyed), "own"
+    (a gloo group of its own, which destroying the default group destroys too) or
+    "process" (DCP's process-based checkpointer: its collectives run in another process)."""
+    from torch.distributed.checkpoint import _async_process_executor as ape
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    pg = dist.new_group(backend="gloo") if group == "own" else None
+    kind = AsyncCheckpointerType.PROCESS if group == "process" else AsyncCheckpointerType.THREAD
+    sd = dw.plain_state(1, scale=64)
+    future: Any = None
+    for step in (1, 2, 3):
+        if future is not None:
+            future.result(timeout=120)
+        res = dcp.async_save(
+            sd,
+            storage_writer=TieredStorageWriter(cfg, step=step),
+            process_group=pg,
+            async_checkpointer_type=kind,
+        )
+        future = getattr(res, "upload_completion", res)
+    t0 = time.monotonic()
+    dist.destroy_process_group()
+    destroy_s = time.monotonic() - t0
+    done_at_destroy = future.done()
+    error = None
+    try:
+        future.result(timeout=120)
+    except BaseException as e:
+        error = f"{type(e).__name__}: {str(e)[:300]}"
+    if group == "process" and ape._CHECKPOINT_PROCESS is not None:
+        ape._CHECKPOINT_PROCESS.__del__()  # sends TERMINATE and joins
+        ape._CHECKPOINT_PROCESS = None
+    return {
+        "destroy_s": destroy_s,
+        "done_at_destroy": done_at_destroy,
+        "error": error,
+        "committed": dw.committed_steps(cfg.memory_root or "", cfg.namespace),
+    }

@@ -15,11 +15,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .._log import logger_for
 from .._runtime import RUNTIME
 from ..config import CheckpointConfig
 from ..errors import CollectiveTimeoutError
 
-__all__ = ["Turn", "take_turn"]
+__all__ = ["Turn", "saves_in_flight", "take_turn", "wait_for_saves_in_flight"]
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Turn:
 
     step: int | None
     previous: Turn | None
+    config: CheckpointConfig | None = None
     taker: threading.Thread = field(default_factory=threading.current_thread)
     """The thread that started the save (the caller of ``dcp.save`` / ``async_save``)."""
     runner: threading.Thread | None = None
@@ -65,6 +67,71 @@ def take_turn(config: CheckpointConfig, step: int | None) -> Turn:
     key = (config.memory_root or "", config.namespace)
     c = RUNTIME.collectives
     with c.lock:
-        turn = Turn(step=step, previous=c.last_save.get(key))
+        turn = Turn(step=step, previous=c.last_save.get(key), config=config)
         c.last_save[key] = turn
     return turn
+
+
+def _elsewhere(turn: Turn) -> bool:
+    """Whether ``turn`` runs (or ran) in the thread that takes turns, or in no thread here."""
+    if not turn.started.is_set():
+        return False
+    runner = turn.runner
+    return runner is None or runner is turn.taker or runner is threading.current_thread()
+
+
+def saves_in_flight() -> list[Turn]:
+    """Every save of this process that runs, or is about to run, on a thread of its own
+    (an ``async_save``), oldest first per namespace."""
+    c = RUNTIME.collectives
+    with c.lock:
+        newest = list(c.last_save.values())
+    out: list[Turn] = []
+    for turn in newest:
+        chain: list[Turn] = []
+        t: Turn | None = turn
+        while t is not None:
+            if not _elsewhere(t) and not (t.runner is not None and not t.runner.is_alive()):
+                chain.append(t)
+            t = t.previous
+        out.extend(reversed(chain))
+    return out
+
+
+START_WAIT_S = 30.0
+"""At most this long for a staged save's thread to start (DCP starts it at once)."""
+
+
+def wait_for_saves_in_flight(why: str) -> list[Turn]:
+    """Wait until every async save of this process has finished its collectives, each for
+    at most its ``collective_timeout_s``; the saves still running after that."""
+    left: list[Turn] = []
+    for turn in saves_in_flight():
+        config = turn.config
+        timeout = config.collective_timeout_s if config is not None else 300.0
+        if config is not None:
+            logger_for(config).debug(
+                "tierckpt: %s waits for the async save of step %s of namespace %r",
+                why,
+                turn.step,
+                config.namespace,
+            )
+        deadline = time.monotonic() + timeout
+        if not turn.started.wait(min(timeout, START_WAIT_S)):
+            continue  # it never started here: it failed before its set-up
+        runner = turn.runner
+        if runner is None or runner is turn.taker or runner is threading.current_thread():
+            continue
+        runner.join(max(0.0, deadline - time.monotonic()))
+        if runner.is_alive():
+            left.append(turn)
+            if config is not None:
+                logger_for(config).warning(
+                    "tierckpt: the async save of step %s of namespace %r still runs after "
+                    "collective_timeout_s=%gs; %s goes on without it (the save may fail).",
+                    turn.step,
+                    config.namespace,
+                    timeout,
+                    why,
+                )
+    return left

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from .. import layout, metrics
-from .._dist import process_rank
+from .._dist import dist_ready, process_rank
 from .._drain_start import start_durable_commit, start_upload, watch_commit
 from .._log import logger_for, megabytes, step_message, summary
 from ..config import CheckpointConfig, require_config
@@ -43,6 +43,7 @@ from ..staging import PrivateBuffer, StagingBuffer
 from ..tiers.base import Tier
 from ..tiers.durable import open_durable_tier
 from ..tiers.memory import open_memory_tier
+from ._destroy_guard import install as install_destroy_guard
 from ._inflight import Turn, take_turn
 from ._plan import (
     PartReport,
@@ -242,6 +243,8 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
             durable=self.durable if self.save_to_durable else None,
         )
         self._turn = take_turn(self.config, self.step)  # in program order, as on every rank
+        if dist_ready():  # destroying the group under this save would fail it
+            install_destroy_guard()
         return staged
 
     def synchronize_staging(self) -> None:
