@@ -42,6 +42,7 @@ class Options:
     batch: int
     seq: int
     shm_dir: str
+    saver: str = "dcp"
 
 
 def _train_loop(
@@ -111,8 +112,21 @@ def rank_main(rank: int, world_size: int, opts: Options) -> dict[str, Any] | Non
         durable_base_path="file://" + os.path.join(opts.shm_dir, "durable-unused"),
     )
 
+    manager = (
+        tierckpt.CheckpointManager(
+            config, every_steps=1, process_group=ckpt_group, preemption=False
+        )
+        if opts.saver == "manager"
+        else None
+    )
+
     def save(step: int) -> dict[str, Any]:
         msd, osd = get_state_dict(model, optim)
+        if manager is not None:  # its defaults: async, plan caching
+            manager.save(step, {"model": msd, "optim": osd}, force=True)
+            pending = manager.pending
+            assert pending is not None
+            return {"done": pending.committed.result, "staged": lambda: None}
         writer = tierckpt.TieredStorageWriter(config, step=step, save_to_durable=False)
         response = dcp.async_save(
             {"model": msd, "optim": osd}, storage_writer=writer, process_group=ckpt_group
@@ -139,6 +153,8 @@ def rank_main(rank: int, world_size: int, opts: Options) -> dict[str, Any] | Non
     )  # params + exp_avg + exp_avg_sq
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, {"runs": runs, "state_bytes": state_bytes})
+    if manager is not None:
+        manager.close()
     dist.destroy_process_group(ckpt_group)
     return gathered if rank == 0 else None
 
@@ -180,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank")
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--quick", action="store_true", help="1 trial of 5 steps")
+    p.add_argument(
+        "--saver",
+        choices=("dcp", "manager"),
+        default="dcp",
+        help="dcp: dcp.async_save through a TieredStorageWriter (default); manager: "
+        "CheckpointManager(every_steps=1) at its defaults (plan caching)",
+    )
     p.add_argument("--out", default=os.path.join(RESULTS_DIR, "step_overhead.json"))
     args = p.parse_args(argv)
     if args.quick:
@@ -205,7 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     with terminate_on_signals(), RunDirs() as dirs:
         opts = Options(
-            shape, args.steps, args.warmup_steps, args.trials, args.batch, args.seq, dirs.shm
+            shape,
+            args.steps,
+            args.warmup_steps,
+            args.trials,
+            args.batch,
+            args.seq,
+            dirs.shm,
+            args.saver,
         )
         try:
             per_rank = launch(
@@ -225,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"state checkpointed each step: {result['state_bytes'] / 2**20:,.0f} MiB")
     print("| mode | s/step (median) | trials s |")
     print("|---|---|---|")
-    for name, r in (("never", n), ("every step (tierckpt async_save)", c)):
+    saver = "CheckpointManager" if args.saver == "manager" else "tierckpt async_save"
+    for name, r in (("never", n), (f"every step ({saver})", c)):
         trials = ", ".join(f"{t['s']:.2f}" for t in r["trials"])
         print(f"| {name} | {r['median_step_s']:.3f} | {trials} |")
     waits = statistics.median(t["wait_s"] + t["save_call_s"] for t in c["trials"]) / args.steps
