@@ -55,3 +55,53 @@ def test_a_finished_fill_leaves_no_entry_in_the_process_registry(memory_root):
     assert not thread.is_alive()
     assert (pool.pool_dir, 3) not in staging._FILLS
     assert [n for n in os.listdir(pool.pool_dir) if n.endswith(".spare")], "no spare was made"
+
+
+def test_a_fill_whose_namespace_is_removed_meanwhile_does_not_bring_it_back(
+    memory_root, monkeypatch
+):
+    # Seen after a CI run: an empty `<root>/job/.leases` left in /dev/shm after the test's
+    # root was removed. The fill made its pool directory, then the root went (clear-memory,
+    # a finished job or test) before the fill took its lease, and the lease re-created it.
+    import shutil
+
+    from tierckpt import leases, staging
+    from tierckpt.tiers.memory import MemoryTier
+
+    tier = MemoryTier(memory_root)
+    tier.check_trusted("fills", create=True)
+    os.makedirs(os.path.join(memory_root, "fills"), mode=0o700, exist_ok=True)
+    pool = staging.StagingPool(tier, "fills")
+
+    def root_removed_first(*args, **kwargs):
+        shutil.rmtree(memory_root)
+        return leases.AttemptLease(*args, **kwargs)
+
+    monkeypatch.setattr(staging, "AttemptLease", root_removed_first)
+    thread = pool.prefault_spare(1 << 20, None, rank=0)
+    assert thread is not None
+    thread.join(30)
+    assert not thread.is_alive()
+    assert not os.path.exists(memory_root), sorted(
+        os.path.relpath(os.path.join(d, n), memory_root)
+        for d, dirs, files in os.walk(memory_root)
+        for n in dirs + files
+    )
+
+
+def test_a_lease_that_may_not_create_its_namespace_fails_on_a_missing_one(tmp_path):
+    from tierckpt.leases import AttemptLease
+
+    ns = tmp_path / "gone"
+    try:
+        AttemptLease(str(ns), "x-r0", create=False)
+    except FileNotFoundError:
+        pass
+    else:
+        raise AssertionError("a lease was taken in a namespace that does not exist")
+    assert not ns.exists()
+    ns.mkdir()
+    lease = AttemptLease(str(ns), "x-r0", create=False)  # the namespace exists: it works
+    assert (ns / ".leases" / "x-r0").exists()
+    lease.release()
+    assert not (ns / ".leases" / "x-r0").exists()

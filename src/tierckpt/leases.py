@@ -34,11 +34,21 @@ def _path(namespace_dir: str, name: str) -> str:
 
 
 class AttemptLease:
-    """An exclusive lock on ``<namespace_dir>/.leases/<name>``, held until :meth:`release`."""
+    """An exclusive lock on ``<namespace_dir>/.leases/<name>``, held until :meth:`release`.
 
-    def __init__(self, namespace_dir: str, name: str) -> None:
+    ``create=False`` never makes the namespace directory: a background job whose namespace
+    was removed meanwhile (``clear-memory``, a finished job) gets ``FileNotFoundError``
+    instead of bringing the directory back.
+    """
+
+    def __init__(self, namespace_dir: str, name: str, *, create: bool = True) -> None:
         self.path = _path(namespace_dir, name)
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        lease_dir = os.path.dirname(self.path)
+        if create:
+            os.makedirs(lease_dir, mode=0o700, exist_ok=True)
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(lease_dir, 0o700)
         # Lock a private name first, then rename it into place: the lease never appears
         # unlocked, so a concurrent sweep cannot mistake it for an abandoned one. A sweep
         # removes private names left unlocked (a writer killed before its rename), so one

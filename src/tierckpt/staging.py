@@ -670,7 +670,7 @@ class StagingPool:
             name = f"{_FILLING}{own}{secrets.token_hex(8)}"
             tmp = os.path.join(self.pool_dir, name)
             try:  # the lease before the file: a sweep never sees the spare unleased
-                lease = AttemptLease(self.ns_dir, name)
+                lease = AttemptLease(self.ns_dir, name, create=False)
             except OSError:
                 return
             try:
