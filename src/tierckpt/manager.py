@@ -72,6 +72,9 @@ class CheckpointManager:
     each durable commit; the memory tier keeps ``config.memory_keep_last``. With
     ``preemption=True`` a SIGTERM makes the next :meth:`save` save its step to the durable
     tier, wait for it for at most ``grace_s`` and raise :class:`~tierckpt.Preempted`.
+    ``plan_caching`` (default on) reuses DCP's save plans while the state's layout stays the
+    same (:class:`~tierckpt.dcp.CachedSavePlanner`, under a key of this manager's own);
+    ``False`` plans every save from scratch.
 
     Collective: build it, call :meth:`save` with the same steps, and :meth:`restore`, on
     every rank. Saves run on a gloo group of their own; agreement on time-based decisions
