@@ -273,3 +273,41 @@ def test_d19_usage_counts_a_file_another_rank_moves_while_the_tree_is_walked(
     monkeypatch.setattr(os, "walk", walk_with_a_rename_behind_it)
     assert tier.usage_bytes() == 1000 + (1 << 20)
     assert moved
+
+
+def test_d19_a_part_moves_into_its_step_under_the_budget_lock(
+    config_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a budget, the rename of a rank's data file from the staging directory into its
+    step holds the node's budget lock, so no budget check walks the tree while it moves."""
+    import fcntl
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    import tierckpt
+    from tierckpt import saving, staging
+    from tierckpt.dcp.reader import TieredStorageReader
+
+    cfg = config_factory(world_size=1, memory_budget=64 << 20, memory_prefault=False)
+    lock_path = os.path.join(cfg.memory_root, staging._BUDGET_LOCK)
+    real_move, held = saving.in_made_dir, []
+
+    def move_noting_the_lock(*args: Any, **kw: Any) -> Any:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:  # another descriptor's flock conflicts with this process's own
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        return real_move(*args, **kw)
+
+    monkeypatch.setattr(saving, "in_made_dir", move_noting_the_lock)
+    state = {"w": torch.arange(1 << 16, dtype=torch.float32)}
+    tierckpt.save(state, config=cfg, step=1, no_dist=True)
+    assert held == [True], held
+    out = {"w": torch.zeros(1 << 16)}
+    dcp.load(out, storage_reader=TieredStorageReader(cfg, step=1), no_dist=True)
+    assert torch.equal(out["w"], state["w"])

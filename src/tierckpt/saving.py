@@ -32,7 +32,15 @@ from .manifest import BlobInfo, CommitRecord, RankEntry, RankManifest, checksum,
 from .peer.placement import Peers
 from .retention import make_room, sweep
 from .staged_upload import StagedUpload, data_key, follow_buffer
-from .staging import PrivateBuffer, StagingBuffer, StagingPool, align, is_full, tensor_bytes
+from .staging import (
+    PrivateBuffer,
+    StagingBuffer,
+    StagingPool,
+    align,
+    budget_lock,
+    is_full,
+    tensor_bytes,
+)
 from .tiers.base import Tier
 from .tiers.directory import in_made_dir, remove_quietly
 from .tiers.memory import MemoryTier
@@ -237,7 +245,10 @@ def write_rank_part(
         if blobs:
             target = memory.path(layout.step_key(ns, step, fname))
             crash_point("save.before_rename")
-            in_made_dir(target, functools.partial(os.rename, buffer.path, target))
+            # Under the budget lock: another rank's budget check never walks the tree while
+            # this file moves from .staging/ into its step (MemoryTier.usage_bytes).
+            with budget_lock(memory.root, config.memory_budget_bytes is not None):
+                in_made_dir(target, functools.partial(os.rename, buffer.path, target))
             crash_point("save.after_rename")
         else:
             release_buffer(memory, config, buffer)

@@ -31,11 +31,12 @@ class MemoryTier(DirectoryTier):
     def usage_bytes(self) -> int:
         """Bytes held under the root (every namespace), each file counted once.
 
-        Other ranks move files between directories while this walks the tree (a save's
-        buffer from ``.staging/`` into its step, an evicted file into the pool), and one
-        walk can miss a file moved behind it: the budget check would then admit a second
-        part that does not fit. So it walks until two walks see the same files, at most
-        ``USAGE_WALKS`` times, and else counts every file any walk saw (never less).
+        Other ranks move files between directories while this walks the tree (an evicted
+        file into the pool; a save's buffer from ``.staging/`` into its step, which runs
+        under the budget lock when there is a budget), and one walk can miss a file moved
+        behind it: the budget check would then admit a second part that does not fit. So
+        it walks until two walks see the same files, at most ``USAGE_WALKS`` times, and
+        else counts every file any walk saw (never less).
         """
         seen: dict[tuple[int, int], int] = {}
         last: dict[tuple[int, int], int] | None = None
