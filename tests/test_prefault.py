@@ -7,6 +7,7 @@ saves"); the spare is filled in the background and the save takes it over, also 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import workers_prefault as wp
 from fixtures_dist import run_ranks
@@ -41,14 +42,21 @@ def test_manager_restore_on_a_fresh_job_prefaults_the_first_save(config_factory)
     assert res["used_spare"].endswith("-r0.data"), f"the first save wrote a new file: {res}"
 
 
-def test_a_finished_fill_leaves_no_entry_in_the_process_registry(memory_root):
-    from tierckpt import staging
+def _pool_in_a_namespace(memory_root: str) -> Any:
+    """A ``StagingPool`` of the namespace ``fills``, made under a fresh memory root."""
+    from tierckpt.staging import StagingPool
     from tierckpt.tiers.memory import MemoryTier
 
     tier = MemoryTier(memory_root)
     tier.check_trusted("fills", create=True)
     os.makedirs(os.path.join(memory_root, "fills"), mode=0o700, exist_ok=True)
-    pool = staging.StagingPool(tier, "fills")
+    return StagingPool(tier, "fills")
+
+
+def test_a_finished_fill_leaves_no_entry_in_the_process_registry(memory_root):
+    from tierckpt import staging
+
+    pool = _pool_in_a_namespace(memory_root)
     thread = pool.prefault_spare(1 << 20, None, rank=3)
     assert thread is not None
     thread.join(30)
@@ -66,12 +74,8 @@ def test_a_fill_whose_namespace_is_removed_meanwhile_does_not_bring_it_back(
     import shutil
 
     from tierckpt import leases, staging
-    from tierckpt.tiers.memory import MemoryTier
 
-    tier = MemoryTier(memory_root)
-    tier.check_trusted("fills", create=True)
-    os.makedirs(os.path.join(memory_root, "fills"), mode=0o700, exist_ok=True)
-    pool = staging.StagingPool(tier, "fills")
+    pool = _pool_in_a_namespace(memory_root)
 
     def root_removed_first(*args, **kwargs):
         shutil.rmtree(memory_root)
