@@ -185,6 +185,12 @@ class CheckpointConfig:
     (benchmarks/s3/README.md, "Uploading while staging")."""
     memory_prefault: bool = True
     """Allocate a spare staging buffer in the background while the pool fills (the first saves)."""
+    pause_gc: bool = True
+    """Pause Python's cyclic garbage collector from the start of each save or load through
+    this rank's last call into tierckpt (reference counting still frees memory). DCP's many
+    small objects otherwise trigger full collections that stall one rank, and every rank with
+    it, by 0.1 s or more in some saves and loads (benchmarks/README.md, "Garbage collection").
+    A background ``async_save`` pauses it for the whole background save."""
     durable_keep_last: int | None = None
     """Durable steps kept (the newest); None keeps all."""
     durable_keep_every: int | None = None

@@ -6,6 +6,7 @@ The DCP side only: choosing the step is :mod:`tierckpt.restore`, fetching verifi
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -25,6 +26,7 @@ from .. import layout, metrics
 from .._collective import arrive
 from .._dist import dist_ready, process_rank
 from .._exit import run_in_background
+from .._gcpause import GcPause, PauseSlot, pause_gc
 from .._log import logger_for, megabytes, rate, step_message, summary
 from ..config import CheckpointConfig, require_config
 from ..errors import IntegrityError
@@ -80,6 +82,7 @@ class TieredStorageReader(StorageReader):
         self._metadata: Metadata | None = None
         self._storage_data: dict[Any, BlobInfo] = {}
         hold_namespace(config)  # owns the namespace's node memory, if it is on this node
+        self._gc = PauseSlot()
         if resolve_now:  # else in read_metadata, i.e. inside dcp.load (still collective)
             self._resolve()  # collective when torch.distributed is initialised
 
@@ -104,6 +107,15 @@ class TieredStorageReader(StorageReader):
 
     def _resolve(self) -> None:
         """Agree with every rank on (step, attempt), then read that step's DCP metadata."""
+        with self._paused("load: the ranks' agreement"):
+            self._agree()
+
+    def _paused(self, what: str) -> GcPause | contextlib.nullcontext[None]:
+        if not self.config.pause_gc:
+            return contextlib.nullcontext()
+        return pause_gc(what, self.config.collective_timeout_s)
+
+    def _agree(self) -> None:
         choice, source = self.finder.agree(self._all_gather, self.requested_step)
         self.step, self.attempt = choice
         self._record = source.record
@@ -151,6 +163,10 @@ class TieredStorageReader(StorageReader):
         return self._metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any) -> None:
+        # Through DCP's planning collectives until this rank's reads are done (read_data).
+        self._gc.start(
+            self.config.pause_gc, f"step {self.step} load", self.config.collective_timeout_s
+        )
         self._storage_data = dict(metadata.storage_data or {})
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
@@ -160,6 +176,12 @@ class TieredStorageReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> torch.futures.Future[None]:
+        try:
+            return self._read_data(plan, planner)
+        finally:
+            self._gc.end()
+
+    def _read_data(self, plan: LoadPlan, planner: LoadPlanner) -> torch.futures.Future[None]:
         assert self.step is not None and self.attempt is not None
         t0 = time.perf_counter()
         before = dict(self.bytes_read_by_tier)

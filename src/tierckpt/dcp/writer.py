@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from .. import layout, metrics
 from .._dist import dist_ready, process_rank
 from .._drain_start import start_durable_commit, start_upload, watch_commit
+from .._gcpause import PauseSlot
 from .._log import logger_for, megabytes, step_message, summary
 from ..config import CheckpointConfig, require_config
 from ..destination import record_destination
@@ -104,6 +105,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         self._staging: StagingBuffer | None = None
         self._private: PrivateBuffer | None = None
         self._turn: Turn | None = None
+        self._gc = PauseSlot()
         if not self.save_to_durable:
             self.durable_done.set_result(None)
         self.memory = open_memory_tier(config)  # refuses an untrusted root; creates nothing
@@ -133,6 +135,7 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         if self._turn is not None:  # it runs in another process: the next save cannot wait
             self._turn.started.set()
         state["_turn"] = None  # threads do not travel; the other process orders its own saves
+        state["_gc"] = PauseSlot()  # a pause belongs to this process
         if self.save_to_durable and not self._watching and self.step is not None:
             self._watching = True
             self._watch_from_parent()
@@ -174,6 +177,10 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         if self.step is None:
             raise layout.no_step_error(self.path)
+        # Until this rank's last call (write_data, or finish on the coordinator).
+        self._gc.start(
+            self.config.pause_gc, f"step {self.step} save", 2 * self.config.collective_timeout_s
+        )
         # Before this save's first collective: wait for the previous save of the namespace.
         turn, self._turn = self._turn or take_turn(self.config, self.step), None
         turn.run(self.config)
@@ -254,6 +261,19 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         """Nothing to release: buffers return to the pool when their step is evicted."""
 
     def write_data(
+        self, plan: SavePlan, planner: SavePlanner
+    ) -> torch.futures.Future[list[WriteResult]]:
+        ended = not self.is_coordinator  # the coordinator's pause lasts through finish()
+        try:
+            return self._write_data(plan, planner)
+        except BaseException:
+            ended = True
+            raise
+        finally:
+            if ended:
+                self._gc.end()
+
+    def _write_data(
         self, plan: SavePlan, planner: SavePlanner
     ) -> torch.futures.Future[list[WriteResult]]:
         assert self.step is not None
@@ -371,6 +391,12 @@ class TieredStorageWriter(StorageWriter, AsyncStager):
         return publish
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        try:
+            self._finish(metadata, results)
+        finally:
+            self._gc.end()
+
+    def _finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         assert self.step is not None
         t0 = time.perf_counter()
         items, maybe_reports = split_results(results)
