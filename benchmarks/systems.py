@@ -404,6 +404,7 @@ class TierckptMemory(_DCPSystem):
     name = "tierckpt-memory"
     about = "TieredStorageWriter/Reader, memory tier (tmpfs) only"
     durable = False
+    pause_gc = True
 
     def config(self, memory_root: str | None = None) -> tierckpt.CheckpointConfig:
         keep = {} if self.ctx.keep_last is None else {"memory_keep_last": self.ctx.keep_last}
@@ -412,6 +413,7 @@ class TierckptMemory(_DCPSystem):
             world_size=self.ctx.world_size,
             memory_root=memory_root or os.path.join(self.shm, "memory"),
             durable_base_path="file://" + os.path.join(self.disk, "durable"),
+            pause_gc=self.pause_gc,
             **keep,  # type: ignore[arg-type]
         )
 
@@ -440,6 +442,13 @@ class TierckptCached(TierckptMemory):
     name = "tierckpt-memory-cached"
     about = "tierckpt-memory with DefaultSavePlanner(enable_plan_caching=True)"
     plan_caching = True
+
+
+@register
+class TierckptGcOn(TierckptMemory):
+    name = "tierckpt-memory-gc-on"
+    about = "tierckpt-memory with pause_gc=False: the cyclic GC may run inside saves and loads"
+    pause_gc = False
 
 
 @register
