@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 import xxhash
 
+from . import _hostpin
 from .constants import ALIGN, HASH_CHUNK, HASH_WHILE_STAGING, ORPHANS_POOLED, TOUCH_CHUNK
 from .errors import TierFullError
 from .leases import AttemptLease, is_live, lease_name, node_lock, sweep_leases
@@ -153,6 +154,7 @@ class StagingBuffer:
             else ("new pages, written" if self.by_syscall else "pooled file")
         )
         self._base = _address(self._mmap) if self._mmap is not None else 0
+        self._flat: torch.Tensor | None = None
         self._pinned = False
         self.watcher: StageWatcher | None = None
         """Told how far the bytes are written (copies run in allocation order)."""
@@ -190,12 +192,13 @@ class StagingBuffer:
             numel *= d
         if numel == 0 or self._mmap is None:
             return torch.empty(shape, dtype=dtype)
-        import warnings
+        if self._flat is None:  # one tensor over the mapping; each view is a slice of it
+            import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            flat = torch.frombuffer(self._mmap, dtype=dtype, count=numel, offset=offset)
-        return flat.view(shape)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._flat = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        return self._flat[offset : offset + numel * dtype.itemsize].view(dtype).view(shape)
 
     def place(self, tensor: torch.Tensor) -> torch.Tensor:
         """Copy ``tensor`` into the buffer (its one copy); returns the staged view.
@@ -323,15 +326,13 @@ class StagingBuffer:
             watcher.cancel(reason)
 
     def pin(self) -> None:
-        """Page-lock the mapped region for asynchronous GPU-to-host copies (CUDA only)."""
+        """Page-lock the mapped region for asynchronous GPU-to-host copies (CUDA only).
+
+        Once per mapping: a reused mapping stays registered across saves.
+        """
         if self._mmap is None or self._pinned:
             return
-        import weakref
-
-        cudart = torch.cuda.cudart()
-        if int(cudart.cudaHostRegister(self._base, self.capacity, 0)) == 0:
-            self._pinned = True
-            weakref.finalize(self._mmap, cudart.cudaHostUnregister, self._base)
+        self._pinned = _MAPPINGS.pin(self._mmap)
 
     def close(self) -> None:
         """Drop the claim and the file descriptor; the mapping lives while staged tensors
@@ -357,6 +358,8 @@ class _MappingCache:
         self._lock = threading.Lock()
         self._entries: dict[tuple[int, int], tuple[int, mmap.mmap]] = {}
         self._unpopulated: set[tuple[int, int]] = set()
+        self._pinned: dict[int, int] = {}
+        """Page-locked mappings: ``id(mapping)`` -> its address (unregistered before unmap)."""
         self.hits = 0
 
     def get(self, fd: int, capacity: int, *, populate: bool = True) -> mmap.mmap:
@@ -385,6 +388,21 @@ class _MappingCache:
                 self._unpopulated.add(key)
             return mm
 
+    def pin(self, mm: mmap.mmap) -> bool:
+        """Page-lock ``mm`` (one of this cache's mappings) once; True when it is locked."""
+        with self._lock:
+            if id(mm) in self._pinned:
+                return True
+            key = next((k for k, entry in self._entries.items() if entry[1] is mm), None)
+            if key is None:
+                return False  # dropped meanwhile: never lock what is about to be unmapped
+            base = _address(mm)
+            if not _hostpin.register(base, len(mm)):
+                return False
+            self._pinned[id(mm)] = base
+            self._unpopulated.discard(key)  # locking faulted every page in: keep this mapping
+            return True
+
     def holds(self, path: str) -> bool:
         """True when this process has a mapping of the file at ``path``."""
         try:
@@ -406,6 +424,9 @@ class _MappingCache:
     def _drop(self, key: tuple[int, int]) -> None:
         self._unpopulated.discard(key)
         fd, mm = self._entries.pop(key)
+        base = self._pinned.pop(id(mm), None)
+        if base is not None:
+            _hostpin.unregister(base)
         with contextlib.suppress(BufferError, ValueError):
             mm.close()  # fails while staged tensors still view it; then GC unmaps it
         with contextlib.suppress(OSError):

@@ -106,11 +106,14 @@ def stage_into(
     state_dict: dict[str, Any],
     buffer: StagingBuffer | None,
     private: PrivateBuffer | None = None,
+    *,
+    cuda: bool | None = None,
 ) -> dict[str, Any]:
     """A copy of ``state_dict`` whose tensors live in the buffers (one copy each).
 
     Plain tensors go to ``private`` when given, else to ``buffer``; shards go to
     ``buffer``. Non-tensor values are kept by reference, as DCP's default stager does.
+    ``cuda``: whether any tensor is on a GPU, when the caller knows (else looked up).
     """
 
     def shared(tensor: torch.Tensor) -> torch.Tensor:
@@ -135,8 +138,10 @@ def stage_into(
         ret._local_shards = shards
         return ret
 
-    shards, plain = _local_tensors(state_dict)
-    if not any(t.is_cuda for t in shards + plain):
+    if cuda is None:
+        shards, plain = _local_tensors(state_dict)
+        cuda = any(t.is_cuda for t in shards + plain)
+    if not cuda:
         return _iterate_state_dict(state_dict, on_sharded, on_dtensor, on_tensor, type_check=False)
     # GPU tensors: pinned buffers, copies queued on a side stream, one sync at the end.
     if buffer is not None:
@@ -186,7 +191,7 @@ def stage_for_rank(
             )
         if sizes.private:
             private = PrivateBuffer(sizes.private, pinned=sizes.cuda)
-        staged = stage_into(state_dict, buffer, private)
+        staged = stage_into(state_dict, buffer, private, cuda=sizes.cuda)
     except BaseException as e:
         if buffer is not None:
             release_buffer(memory, config, buffer, discard=is_full(e))
