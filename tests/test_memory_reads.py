@@ -81,3 +81,53 @@ def test_a_handle_holds_the_shared_lock_until_closed(memory_root, payload):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("slot_bytes", [4096, 1 << 20, 8 << 20])
+def test_a_read_through_a_slot_ring_delivers_the_bytes_and_their_digest(
+    memory_root, payload, slot_bytes
+):
+    """The GPU load path (pinned slots) on CPU: slot boundaries inside blobs, any offset."""
+    from tierckpt._device_copy import PinnedRing
+
+    tier = _tier_with_file(memory_root, payload)
+    ring = PinnedRing(torch.device("cpu"), slot_bytes=slot_bytes, slots=3)
+    offset, length = 4097, SIZE - 4097 - 5
+    target = torch.zeros(length, dtype=torch.uint8)
+    with tier.open_shared("blob") as handle:
+        digest = handle.read_to_device(offset, target, ring, chunk=3000)
+    ring.finish()
+    assert bytes(target.numpy()) == payload[offset : offset + length]
+    assert digest == xxhash.xxh3_128_hexdigest(payload[offset : offset + length])
+
+
+def test_readers_sharing_a_slot_ring_each_get_their_own_bytes(memory_root, payload):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tierckpt._device_copy import PinnedRing
+
+    tier = _tier_with_file(memory_root, payload)
+    ring = PinnedRing(torch.device("cpu"), slot_bytes=64 << 10, slots=2)
+    pieces = [(i * (SIZE // 4), SIZE // 4) for i in range(4)]
+    targets = [torch.zeros(n, dtype=torch.uint8) for _, n in pieces]
+
+    def read(i: int) -> str:
+        with tier.open_shared("blob") as handle:
+            return handle.read_to_device(pieces[i][0], targets[i], ring)
+
+    with ThreadPoolExecutor(4) as pool:
+        digests = list(pool.map(read, range(4)))
+    ring.finish()
+    for (off, n), target, digest in zip(pieces, targets, digests, strict=True):
+        assert bytes(target.numpy()) == payload[off : off + n]
+        assert digest == xxhash.xxh3_128_hexdigest(payload[off : off + n])
+
+
+def test_a_short_file_read_through_a_slot_ring_raises(memory_root, payload):
+    from tierckpt._device_copy import PinnedRing
+
+    tier = _tier_with_file(memory_root, payload)
+    ring = PinnedRing(torch.device("cpu"), slot_bytes=1 << 20)
+    target = torch.zeros(1 << 20, dtype=torch.uint8)
+    with tier.open_shared("blob") as handle, pytest.raises(KeyNotFoundError):
+        handle.read_to_device(SIZE - 100, target, ring)

@@ -12,6 +12,7 @@ __all__ = [
     "MAX_LOAD_FALLBACKS",
     "ORPHANS_POOLED",
     "READ_THREADS",
+    "SPLIT_MIN_BYTES",
     "STREAM_CHUNK",
     "STREAM_IDLE_FACTOR",
     "TOUCH_CHUNK",
@@ -39,7 +40,9 @@ buffers, filled with write(), are always hashed as they are written."""
 
 # -- loads --
 READ_THREADS = 8
-"""Data files a rank reads in parallel."""
+"""Reader threads of a rank at most (fewer where its share of the node's CPUs is smaller)."""
+SPLIT_MIN_BYTES = 64 << 20
+"""A file is split among reader threads in runs of blobs no smaller than this."""
 MAX_LOAD_FALLBACKS = 3
 """How many unloadable saves ``tierckpt.load`` skips before it gives up."""
 

@@ -9,6 +9,7 @@ one that fails everywhere raises :class:`IntegrityError`: wrong bytes are never 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -16,9 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from . import layout
+from ._device_copy import SLOTS, PinnedRing
 from ._log import step_message
-from .constants import READ_THREADS
+from .constants import READ_THREADS, SPLIT_MIN_BYTES
 from .errors import IntegrityError
 from .manifest import checksum
 from .progress import Progress
@@ -43,6 +47,9 @@ class Blob:
     """Copy a memory-tier blob straight into this (and verify it there) instead of a buffer."""
     name: str = ""
     """What the blob holds, for the error raised when no tier has it."""
+    device: torch.Tensor | None = None
+    """A GPU target (flat uint8): memory-tier bytes go there through the fetcher's pinned
+    ring, verified as they are read; other tiers return a buffer for the caller to copy."""
 
 
 class Fetcher:
@@ -66,15 +73,46 @@ class Fetcher:
         self.rank = rank
         self.log = log
         self._count_lock = threading.Lock()
+        self._rings: dict[torch.device, PinnedRing] = {}
         self.progress = Progress(log, f"step {step} load (rank {rank})", 0)
 
     def fetch_all(self, files: dict[str, list[Blob]]) -> dict[str, list[Buffer | None]]:
-        """:meth:`fetch_file` for every file, in a pool of reader threads."""
-        workers = max(1, min(READ_THREADS, len(files)))
+        """:meth:`fetch_file` for every file, in a pool of reader threads.
+
+        A large file is read by several threads at once, each over a run of its blobs
+        (a rank's part is one file): as many as this rank's share of the CPUs allows.
+        """
+        threads = read_threads()
         self.progress.total = sum(b.length for blobs in files.values() for b in blobs)
-        with ThreadPoolExecutor(workers, thread_name_prefix="tierckpt-read") as pool:
-            loaded = list(pool.map(lambda e: self.fetch_file(*e), files.items()))
-        return dict(zip(files, loaded, strict=True))
+        work = [
+            (fname, group)
+            for fname, blobs in files.items()
+            for group in split_blobs(blobs, max(1, threads // max(len(files), 1)), SPLIT_MIN_BYTES)
+        ]
+        with ThreadPoolExecutor(min(threads, len(work)) or 1, "tierckpt-read") as pool:
+            loaded = list(
+                pool.map(lambda w: self.fetch_file(w[0], [files[w[0]][i] for i in w[1]]), work)
+            )
+        out: dict[str, list[Buffer | None]] = {f: [None] * len(b) for f, b in files.items()}
+        for (fname, group), bufs in zip(work, loaded, strict=True):
+            for i, buf in zip(group, bufs, strict=True):
+                out[fname][i] = buf
+        return out
+
+    def _ring(self, device: torch.device) -> PinnedRing:
+        """This fetch's pinned slots feeding ``device`` (made on first use)."""
+        with self._count_lock:
+            ring = self._rings.get(device)
+            if ring is None:
+                ring = self._rings[device] = PinnedRing(
+                    device, slots=max(SLOTS, 2 * read_threads())
+                )
+            return ring
+
+    def finish_device_copies(self) -> None:
+        """Wait for every GPU copy queued by this fetch (before the targets are used)."""
+        for ring in self._rings.values():
+            ring.finish()
 
     def fetch_file(self, fname: str, blobs: list[Blob]) -> list[Buffer | None]:
         """The verified bytes of each blob of one file (None: copied into its ``into``)."""
@@ -148,7 +186,12 @@ class Fetcher:
         with handle:
             for blob in blobs:
                 try:
-                    if blob.into is not None:
+                    if blob.device is not None:
+                        digest = handle.read_to_device(
+                            blob.offset, blob.device, self._ring(blob.device.device)
+                        )
+                        out.append((None, blob.length, digest))
+                    elif blob.into is not None:
                         digest = handle.read_into(blob.offset, blob.into)
                         out.append((None, blob.length, digest))
                     else:
@@ -157,6 +200,35 @@ class Fetcher:
                 except Exception as e:
                     out.append(e)
         return out
+
+
+def read_threads() -> int:
+    """Reader threads of one rank: its share of this node's CPUs, at most READ_THREADS."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, min(READ_THREADS, cpus // max(local, 1)))
+
+
+def split_blobs(blobs: list[Blob], parts: int, min_bytes: int = SPLIT_MIN_BYTES) -> list[list[int]]:
+    """Indices of ``blobs`` in up to ``parts`` runs of neighbouring blobs (by offset) of
+    about equal bytes, none under ``min_bytes`` unless it is the only one."""
+    order = sorted(range(len(blobs)), key=lambda i: blobs[i].offset)
+    total = sum(b.length for b in blobs)
+    parts = max(1, min(parts, len(blobs), total // max(min_bytes, 1)))
+    if parts == 1:
+        return [order] if order else []
+    share = total / parts
+    runs: list[list[int]] = [[]]
+    filled = 0
+    for i in order:
+        if runs[-1] and filled >= share * len(runs) and len(runs) < parts:
+            runs.append([])
+        runs[-1].append(i)
+        filled += blobs[i].length
+    return runs
 
 
 def _fetch(tier: Tier, key: str, blobs: list[Blob]) -> list[_Fetched | Exception]:

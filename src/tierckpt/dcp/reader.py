@@ -212,6 +212,8 @@ class TieredStorageReader(StorageReader):
             loaded = fetcher.fetch_all(blobs)
         except IntegrityError as e:
             raise self.finder.mark_unloadable(self.step, self.attempt, e) from e
+        finally:  # GPU copies land before any other write to their targets
+            fetcher.finish_device_copies()
         if self.finder.peer_tiers and self._record is not None:
             args = (self.config, self.memory, self._record, self.rank, list(per_file))
             peers, log = list(self.finder.peer_tiers), self.log
@@ -255,18 +257,21 @@ class TieredStorageReader(StorageReader):
     def _request(self, item: ReadItem, target: torch.Tensor | None) -> Blob:
         """The blob to fetch for one item (copied straight into ``target`` when given)."""
         blob = self._blob(item)
-        into = None
-        if target is not None:
+        into = device = None
+        if target is not None and target.device.type == "cpu":
             raw: Any = target.reshape(-1).view(torch.uint8).numpy()
             into = memoryview(raw)
-        return Blob(blob.offset, blob.length, blob.checksum, into, item.storage_index.fqn)
+        elif target is not None:  # a GPU tensor: through pinned slots, hashed as read
+            device = target.reshape(-1).view(torch.uint8)
+        return Blob(blob.offset, blob.length, blob.checksum, into, item.storage_index.fqn, device)
 
     def _direct_ok(self, item: ReadItem, target: torch.Tensor) -> bool:
-        """True when a blob maps byte for byte onto its (contiguous CPU) target tensor."""
+        """True when a blob maps byte for byte onto its contiguous target tensor, on a device
+        that blobs are read straight into (CPU; CUDA through pinned slots)."""
         blob = self._blob(item)
         return (
             blob.shape is not None
-            and target.device.type == "cpu"
+            and target.device.type in _DIRECT_DEVICES
             and target.is_contiguous()
             and str(target.dtype).removeprefix("torch.") == blob.dtype
             and tuple(target.shape) == tuple(blob.shape)
@@ -311,6 +316,10 @@ class TieredStorageReader(StorageReader):
             )
         target.copy_(tensor)
         planner.commit_tensor(item, target)
+
+
+_DIRECT_DEVICES = frozenset({"cpu", "cuda"})
+"""Devices whose tensors a memory-tier blob is read straight into (CUDA: via pinned slots)."""
 
 
 def _unpickle_metadata(data: Buffer) -> Metadata | None:

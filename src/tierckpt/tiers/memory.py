@@ -7,7 +7,7 @@ import fcntl
 import os
 import stat
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 
@@ -17,6 +17,9 @@ from .base import KeyNotFoundError
 from .directory import TMP_MARK, DirectoryTier
 
 if TYPE_CHECKING:
+    import torch
+
+    from .._device_copy import PinnedRing
     from ..config import CheckpointConfig
 
 __all__ = ["MemoryTier", "SharedRead", "open_memory_tier"]
@@ -133,6 +136,29 @@ class SharedRead:
         :class:`KeyNotFoundError` when the file is too short.
         """
         hasher = xxhash.xxh3_128()
+        self._read_hashed(offset, out, hasher, chunk)
+        return hasher.hexdigest()
+
+    def read_to_device(
+        self, offset: int, target: torch.Tensor, ring: PinnedRing, chunk: int = READ_HASH_CHUNK
+    ) -> str:
+        """Read ``target.numel()`` bytes at ``offset`` into ``target`` (flat uint8, on the
+        ring's device) through ``ring``'s host slots; the xxh3-128 of the bytes read.
+
+        The copies may still be in flight on return: ``ring.finish()`` waits for them.
+        """
+        hasher = xxhash.xxh3_128()
+        ring.copy_in(
+            target,
+            target.numel(),
+            lambda slot, done: self._read_hashed(offset + done, slot, hasher, chunk),
+        )
+        return hasher.hexdigest()
+
+    def _read_hashed(
+        self, offset: int, out: memoryview, hasher: Any, chunk: int = READ_HASH_CHUNK
+    ) -> None:
+        """``preadv`` ``len(out)`` bytes at ``offset`` into ``out``, feeding ``hasher``."""
         done = 0
         while done < len(out):
             part = out[done : done + chunk]
@@ -146,7 +172,6 @@ class SharedRead:
                 got += n
             hasher.update(part)
             done += len(part)
-        return hasher.hexdigest()
 
     def read(self, offset: int, length: int) -> tuple[bytearray, str]:
         """A private copy of ``length`` bytes at ``offset`` and the digest of that copy."""
