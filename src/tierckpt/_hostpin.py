@@ -21,13 +21,15 @@ __all__ = ["register", "unregister"]
 
 _log = logging.getLogger("tierckpt")
 _warned = threading.Event()
+_PORTABLE = 1
+"""cudaHostRegisterPortable: pinned for every CUDA context, whichever thread locked it."""
 
 
 def register(base: int, nbytes: int) -> bool:
     """Page-lock ``nbytes`` at address ``base``; True when done (False: copies stay
     synchronous). The first failure is logged as a WARNING with CUDA's error."""
     t0 = time.perf_counter()
-    code = int(torch.cuda.cudart().cudaHostRegister(base, nbytes, 0))
+    code = int(torch.cuda.cudart().cudaHostRegister(base, nbytes, _PORTABLE))
     if code == 0:
         _log.debug(
             "tierckpt: page-locked a %d-byte staging mapping for GPU copies in %.3f s",

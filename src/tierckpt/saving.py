@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from . import layout
+from ._exit import run_in_background
 from ._faults import crash_point
 from ._log import logger_for, rate, step_message
 from ._runtime import RUNTIME
@@ -147,13 +148,22 @@ def _raw(tensor: torch.Tensor) -> memoryview:
 
 
 def _unstaged_bytes(items: list[PartItem], buffer: StagingBuffer | None) -> int:
-    """Bytes (aligned) of the items that are not staged in ``buffer``."""
+    """Bytes (aligned) of the items that are not staged in ``buffer`` and will not fit in
+    the rest of its mapped region (where :func:`_place` copies them while there is room)."""
     total = 0
+    used = buffer.used if buffer is not None else 0
+    capacity = buffer.capacity if buffer is not None else 0
     for data in items:
         if isinstance(data, io.BytesIO):
-            total += align(data.getbuffer().nbytes)
+            nbytes = data.getbuffer().nbytes
         elif buffer is None or buffer.offset_of(data.detach()) is None:
-            total += align(tensor_bytes(data))
+            nbytes = tensor_bytes(data)
+        else:
+            continue
+        if nbytes and used + nbytes <= capacity:
+            used = align(used + nbytes)
+        else:
+            total += align(nbytes)
     return total
 
 
@@ -241,6 +251,8 @@ def write_rank_part(
         if private is not None:
             private.give_back()  # its planned tensors are copied into the buffer
     if buffer is not None:
+        if buffer.pin_after_write is not None:
+            _pin_in_background(buffer, buffer.pin_after_write)
         buffer.close()
         if blobs:
             target = memory.path(layout.step_key(ns, step, fname))
@@ -278,6 +290,17 @@ def write_rank_part(
     if config.memory_prefault and buffer is not None and warming_up:
         StagingPool(memory, ns).prefault_spare(buffer.capacity, config.memory_budget_bytes, rank)
     return WrittenPart(manifest, blobs, size, upload if blobs else None)
+
+
+def _pin_in_background(buffer: StagingBuffer, device: int) -> None:
+    """Page-lock ``buffer``'s mapping off the save's path, so a later GPU save that reuses
+    the file copies into it directly (the mapping cache keeps it across renames)."""
+
+    def pin() -> None:
+        torch.cuda.set_device(device)  # this rank's context, not device 0's
+        buffer.pin()
+
+    run_in_background(pin, name="tierckpt-pin", wait_at_exit=False)
 
 
 def _staged_upload(

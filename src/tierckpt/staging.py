@@ -155,6 +155,9 @@ class StagingBuffer:
         )
         self._base = _address(self._mmap) if self._mmap is not None else 0
         self._flat: torch.Tensor | None = None
+        self.pin_after_write: int | None = None
+        """The CUDA device whose save staged privately: page-lock the mapping once the
+        write is done (in that device's context)."""
         self._pinned = False
         self.watcher: StageWatcher | None = None
         """Told how far the bytes are written (copies run in allocation order)."""
@@ -325,6 +328,10 @@ class StagingBuffer:
         if watcher is not None:
             watcher.cancel(reason)
 
+    def gpu_ready(self) -> bool:
+        """True when GPU copies can land in the mapping asynchronously (it is page-locked)."""
+        return self._mmap is not None and _MAPPINGS.is_pinned(self._mmap)
+
     def pin(self) -> None:
         """Page-lock the mapped region for asynchronous GPU-to-host copies (CUDA only).
 
@@ -387,6 +394,11 @@ class _MappingCache:
             if not populate:
                 self._unpopulated.add(key)
             return mm
+
+    def is_pinned(self, mm: mmap.mmap) -> bool:
+        """True when ``mm`` is page-locked."""
+        with self._lock:
+            return id(mm) in self._pinned
 
     def pin(self, mm: mmap.mmap) -> bool:
         """Page-lock ``mm`` (one of this cache's mappings) once; True when it is locked."""

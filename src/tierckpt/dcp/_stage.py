@@ -117,6 +117,8 @@ def stage_into(
     """
 
     def shared(tensor: torch.Tensor) -> torch.Tensor:
+        if buffer is None and private is not None:  # all of it private (GPU, see below)
+            return private.place(tensor.detach())
         assert buffer is not None, "a staging buffer is needed for this state dict"
         return buffer.place(tensor.detach())
 
@@ -189,9 +191,18 @@ def stage_for_rank(
                 rank=rank,
                 log=logger_for(config),
             )
-        if sizes.private:
-            private = PrivateBuffer(sizes.private, pinned=sizes.cuda)
-        staged = stage_into(state_dict, buffer, private, cuda=sizes.cuda)
+        into = buffer
+        if buffer is not None and sizes.cuda and not buffer.gpu_ready():
+            # Its mapping is not page-locked yet (a new buffer: locking it would fault
+            # every page in while training waits, ~0.3 s per GiB on an H200 host). Stage
+            # into a reused pinned buffer instead; the write copies into the tier and
+            # page-locks the mapping afterwards, in the background, for later saves.
+            into = None
+            buffer.pin_after_write = torch.cuda.current_device()
+        if sizes.private or (into is None and buffer is not None):
+            total = sizes.private + (sizes.shared if into is None else 0)
+            private = PrivateBuffer(total, pinned=sizes.cuda)
+        staged = stage_into(state_dict, into, private, cuda=sizes.cuda)
     except BaseException as e:
         if buffer is not None:
             release_buffer(memory, config, buffer, discard=is_full(e))
@@ -200,6 +211,8 @@ def stage_for_rank(
         raise
     crash_point("save.after_stage")
     kind = buffer.kind if buffer is not None else "no shard of its own"
+    if buffer is not None and buffer.pin_after_write is not None:
+        kind += ", staged in pinned memory until it is page-locked"
     logger_for(config).debug(
         step_message(
             rank,
