@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 import tierckpt
+from benchmarks.read_paths import preadv_file
 from tierckpt.staging import align, tensor_bytes
 
 GIB = 2**30
@@ -148,13 +149,7 @@ def bench_preadv(root: str, nbytes: int, reps: int) -> dict[str, Any]:
     try:
         for _ in range(reps):
             t0 = time.perf_counter()
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                done = 0
-                while done < nbytes:
-                    done += os.preadv(fd, [view[done:]], done)
-            finally:
-                os.close(fd)
+            preadv_file(path, view)
             reads.append(time.perf_counter() - t0)
             h2d.append(
                 _timed(lambda: (dest.copy_(out, non_blocking=True), torch.cuda.synchronize()))
@@ -171,6 +166,18 @@ def _stats(xs: list[float]) -> dict[str, float]:
 def _touch(state: dict[str, torch.Tensor], value: float) -> None:
     """Overwrite one tensor by a kernel on the training (default) stream."""
     next(iter(state.values())).fill_(value)
+
+
+def _timed_async_save(sd: dict[str, Any], writer: Any) -> tuple[float, float]:
+    """(seconds until the state may change again, seconds until the save completed)."""
+    t0 = time.perf_counter()
+    response = dcp.async_save(sd, storage_writer=writer)
+    staging = getattr(response, "staging_completion", None)
+    if staging is not None:
+        staging.result()
+    t1 = time.perf_counter()
+    getattr(response, "upload_completion", response).result()
+    return t1 - t0, time.perf_counter() - t0
 
 
 def bench_tierckpt(
@@ -190,18 +197,9 @@ def bench_tierckpt(
         _touch(state, float(step))
         torch.cuda.synchronize()
         _barrier()
-        t0 = time.perf_counter()
-        response = dcp.async_save(
-            sd, storage_writer=tierckpt.TieredStorageWriter(config, step=step)
-        )
-        staging = getattr(response, "staging_completion", None)
-        if staging is not None:
-            staging.result()
-        t1 = time.perf_counter()
-        getattr(response, "upload_completion", response).result()
-        t2 = time.perf_counter()
-        blocked.append(t1 - t0)
-        total.append(t2 - t0)
+        b, t = _timed_async_save(sd, tierckpt.TieredStorageWriter(config, step=step))
+        blocked.append(b)
+        total.append(t)
     # A sync save too (write_data sees the CUDA tensors themselves).
     sync: list[float] = []
     for step in range(saves + 1, saves + 3):
@@ -246,16 +244,9 @@ def bench_dcp_fs(state: dict[str, torch.Tensor], root: str, saves: int) -> dict[
         writer = FileSystemWriter(path, cache_staged_state_dict=True)
         torch.cuda.synchronize()
         _barrier()
-        t0 = time.perf_counter()
-        response = dcp.async_save(sd, storage_writer=writer)
-        staging = getattr(response, "staging_completion", None)
-        if staging is not None:
-            staging.result()
-        t1 = time.perf_counter()
-        getattr(response, "upload_completion", response).result()
-        t2 = time.perf_counter()
-        blocked.append(t1 - t0)
-        total.append(t2 - t0)
+        b, t = _timed_async_save(sd, writer)
+        blocked.append(b)
+        total.append(t)
         _barrier()
         if _rank() == 0:
             shutil.rmtree(os.path.join(root, "dcp-fs", f"step-{step - 1}"), ignore_errors=True)

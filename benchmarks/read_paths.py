@@ -35,20 +35,26 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def preadv_file(path: str, out: memoryview) -> int:
+    """A bare ``preadv`` loop: the first ``len(out)`` bytes of ``path`` into ``out``, from a
+    fresh descriptor (as a load opens one), no checksum."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(out):
+            done += os.preadv(fd, [out[done:]], done)
+    finally:
+        os.close(fd)
+    return done
+
+
 def _cases(root: str, nbytes: int, out: memoryview) -> dict[str, Callable[[], object]]:
     """The read paths over one file of ``nbytes`` under ``root``."""
     tier = MemoryTier(root)
     path = os.path.join(root, "blob")
 
     def bare_preadv() -> object:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            done = 0
-            while done < nbytes:
-                done += os.preadv(fd, [out[done:]], done)
-        finally:
-            os.close(fd)
-        return done
+        return preadv_file(path, out[:nbytes])
 
     def shared_read() -> object:
         with tier.open_shared("blob") as handle:

@@ -23,7 +23,7 @@ from tierckpt.dcp._stage import stage_into
 from tierckpt.leases import AttemptLease, lease_name
 from tierckpt.saving import RankPart, _unstaged_bytes, acquire_buffer, write_rank_part
 from tierckpt.staging import PrivateBuffer, align, tensor_bytes
-from tierckpt.tiers.memory import open_memory_tier
+from tierckpt.tiers.memory import MemoryTier, open_memory_tier
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -31,14 +31,19 @@ def _state() -> dict[str, torch.Tensor]:
     return {f"t{i}": torch.randn(257 * (i + 1), generator=gen) for i in range(6)}
 
 
-def test_items_that_fit_the_claimed_region_need_no_room_past_it(
-    config_factory: Callable[..., Any],
-) -> None:
+def _setup(config_factory: Callable[..., Any]) -> tuple[Any, MemoryTier, dict[str, Any], int]:
+    """(config, its memory tier, a state, the aligned bytes of the state)."""
     config = config_factory(world_size=1, memory_prefault=False)
     memory = open_memory_tier(config, create=True)
     memory.ensure_root(config.namespace)
     state = _state()
-    need = sum(align(tensor_bytes(t)) for t in state.values())
+    return config, memory, state, sum(align(tensor_bytes(t)) for t in state.values())
+
+
+def test_items_that_fit_the_claimed_region_need_no_room_past_it(
+    config_factory: Callable[..., Any],
+) -> None:
+    config, memory, state, need = _setup(config_factory)
     buffer = acquire_buffer(memory, config, layout.new_attempt_id(), 0, need)
     try:
         items: list[Any] = list(state.values())
@@ -52,11 +57,7 @@ def test_items_that_fit_the_claimed_region_need_no_room_past_it(
 def test_a_privately_staged_part_is_written_into_the_claimed_buffer_in_place(
     config_factory: Callable[..., Any],
 ) -> None:
-    config = config_factory(world_size=1, memory_prefault=False)
-    memory = open_memory_tier(config, create=True)
-    memory.ensure_root(config.namespace)
-    state = _state()
-    need = sum(align(tensor_bytes(t)) for t in state.values())
+    config, memory, state, need = _setup(config_factory)
     attempt = layout.new_attempt_id()
     # The writer's lease on its attempt: without it a sweep takes the buffer for abandoned.
     lease = AttemptLease(memory.path(config.namespace), lease_name(attempt, 0))
