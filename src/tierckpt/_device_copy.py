@@ -53,11 +53,10 @@ class PinnedRing:
     def slot_bytes(self) -> int:
         return self._slots[0].numel()
 
-    def copy_in(
-        self, target: torch.Tensor, nbytes: int, fill: Callable[[memoryview, int], None]
-    ) -> None:
-        """Fill ``target`` (a flat uint8 tensor on the device) with ``nbytes`` bytes, slot by
-        slot: ``fill(slot_view, done)`` writes the next ``len(slot_view)`` bytes."""
+    def copy_in(self, target: torch.Tensor, fill: Callable[[memoryview, int], None]) -> None:
+        """Fill ``target`` (a flat uint8 tensor on the device) slot by slot:
+        ``fill(slot_view, done)`` writes its next ``len(slot_view)`` bytes."""
+        nbytes = target.numel()
         done = 0
         while done < nbytes:
             with self._lock:

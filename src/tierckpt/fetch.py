@@ -74,6 +74,7 @@ class Fetcher:
         self.log = log
         self._count_lock = threading.Lock()
         self._rings: dict[torch.device, PinnedRing] = {}
+        self._rings_lock = threading.Lock()
         self.progress = Progress(log, f"step {step} load (rank {rank})", 0)
 
     def fetch_all(self, files: dict[str, list[Blob]]) -> dict[str, list[Buffer | None]]:
@@ -101,7 +102,7 @@ class Fetcher:
 
     def _ring(self, device: torch.device) -> PinnedRing:
         """This fetch's pinned slots feeding ``device`` (made on first use)."""
-        with self._count_lock:
+        with self._rings_lock:
             ring = self._rings.get(device)
             if ring is None:
                 ring = self._rings[device] = PinnedRing(

@@ -160,11 +160,17 @@ def _unstaged_bytes(items: list[PartItem], buffer: StagingBuffer | None) -> int:
             nbytes = tensor_bytes(data)
         else:
             continue
-        if nbytes and used + nbytes <= capacity:
+        if _fits(used, nbytes, capacity):
             used = align(used + nbytes)
         else:
             total += align(nbytes)
     return total
+
+
+def _fits(used: int, nbytes: int, capacity: int) -> bool:
+    """Whether :func:`_place` copies an item of ``nbytes`` into the mapped region (else it
+    is appended past it): the one rule both it and :func:`_unstaged_bytes` follow."""
+    return bool(nbytes) and used + nbytes <= capacity
 
 
 def _place(data: PartItem, buffer: StagingBuffer, fname: str, tail: int) -> tuple[BlobInfo, int]:
@@ -176,7 +182,7 @@ def _place(data: PartItem, buffer: StagingBuffer, fname: str, tail: int) -> tupl
     """
     if isinstance(data, io.BytesIO):
         view = data.getbuffer()
-        if view.nbytes and buffer.used + view.nbytes <= buffer.capacity:
+        if _fits(buffer.used, view.nbytes, buffer.capacity):
             at, digest = buffer.put_bytes(view)
             return BlobInfo(fname, at, view.nbytes, digest), tail
         buffer.append(view, tail)
@@ -185,7 +191,7 @@ def _place(data: PartItem, buffer: StagingBuffer, fname: str, tail: int) -> tupl
     dtype, shape = str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape)
     nbytes = tensor_bytes(tensor)
     offset = buffer.offset_of(tensor)
-    if offset is None and nbytes and buffer.used + nbytes <= buffer.capacity:
+    if offset is None and _fits(buffer.used, nbytes, buffer.capacity):
         offset, digest = buffer.place_hashed(tensor.contiguous())
         return BlobInfo(fname, offset, nbytes, digest, dtype, shape), tail
     if offset is not None:  # staged: hashed as it was written, or now

@@ -149,9 +149,7 @@ class SharedRead:
         """
         hasher = xxhash.xxh3_128()
         ring.copy_in(
-            target,
-            target.numel(),
-            lambda slot, done: self._read_hashed(offset + done, slot, hasher, chunk),
+            target, lambda slot, done: self._read_hashed(offset + done, slot, hasher, chunk)
         )
         return hasher.hexdigest()
 
