@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for _ in range(args.reps):
                 for c in counts:
-                    fetch.read_threads = lambda c=c: c  # type: ignore[misc]
+                    fetch.read_threads = lambda local_ranks, c=c: c  # type: ignore[misc]
                     t0 = time.perf_counter()
                     dcp.load(out, storage_reader=tierckpt.TieredStorageReader(config))
                     times[c].append(time.perf_counter() - t0)

@@ -54,7 +54,7 @@ def test_small_or_single_blob_files_are_not_split() -> None:
 def split_small(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Split at 1 MiB into 4 threads; the names of the threads that read runs."""
     monkeypatch.setattr(fetch, "SPLIT_MIN_BYTES", MIB)
-    monkeypatch.setattr(fetch, "read_threads", lambda: 4)
+    monkeypatch.setattr(fetch, "read_threads", lambda local_ranks: 4)
     used: list[str] = []
     original: Callable[..., Any] = fetch.Fetcher.fetch_file
 
@@ -110,3 +110,34 @@ def test_a_corrupt_blob_in_one_run_comes_from_durable_and_the_rest_from_memory(
         assert torch.equal(out["model"][k], v), k
     assert reader.bytes_read_by_tier["durable"] == 128 * 1024 * 4  # the one blob
     assert reader.bytes_read_by_tier["memory"] == 23 * 128 * 1024 * 4
+
+
+def test_reader_threads_are_this_ranks_share_of_the_cpus() -> None:
+    cpus = len(os.sched_getaffinity(0))
+    assert fetch.read_threads(1) == min(fetch.READ_THREADS, cpus)
+    assert fetch.read_threads(cpus) == 1
+    assert fetch.read_threads(4 * cpus) == 1  # more ranks than CPUs: still one each
+    assert fetch.read_threads(0) == min(fetch.READ_THREADS, cpus)
+
+
+def test_a_load_asks_for_threads_for_the_configs_ranks_on_this_node(
+    config_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without torchrun's LOCAL_WORLD_SIZE the reader divides by the config's local ranks
+    (one node: world_size), not by 1: two ranks on two cores read with one thread each."""
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    asked: list[int] = []
+    real = fetch.read_threads
+
+    def recording(local_ranks: int) -> int:
+        asked.append(local_ranks)
+        return real(local_ranks)
+
+    monkeypatch.setattr(fetch, "read_threads", recording)
+    config = config_factory(world_size=1, memory_prefault=False, local_world_size=1)
+    state = _state()
+    dcp.save(state, storage_writer=tierckpt.TieredStorageWriter(config, step=1))
+    dcp.load(_zeros(state), storage_reader=tierckpt.TieredStorageReader(config))
+    assert asked == [config.local_world_size] == [1]
+    two = tierckpt.CheckpointConfig(namespace="x", world_size=2, memory_root=config.memory_root)
+    assert two.local_world_size == 2  # what a 2-rank job started without torchrun reads with

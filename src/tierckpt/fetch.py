@@ -64,8 +64,12 @@ class Fetcher:
         counts: dict[str, int],
         rank: int,
         log: logging.Logger,
+        *,
+        threads: int = 1,
     ) -> None:
         self.namespace = namespace
+        self.threads = max(1, threads)
+        """Reader threads this fetch may use (:func:`read_threads`)."""
         self.step = step
         self.memory = memory
         self.tiers = tiers
@@ -83,7 +87,7 @@ class Fetcher:
         A large file is read by several threads at once, each over a run of its blobs
         (a rank's part is one file): as many as this rank's share of the CPUs allows.
         """
-        threads = read_threads()
+        threads = self.threads
         self.progress.total = sum(b.length for blobs in files.values() for b in blobs)
         work = [
             (fname, group)
@@ -105,9 +109,7 @@ class Fetcher:
         with self._rings_lock:
             ring = self._rings.get(device)
             if ring is None:
-                ring = self._rings[device] = PinnedRing(
-                    device, slots=max(SLOTS, 2 * read_threads())
-                )
+                ring = self._rings[device] = PinnedRing(device, slots=max(SLOTS, 2 * self.threads))
             return ring
 
     def finish_device_copies(self) -> None:
@@ -203,14 +205,14 @@ class Fetcher:
         return out
 
 
-def read_threads() -> int:
-    """Reader threads of one rank: its share of this node's CPUs, at most READ_THREADS."""
+def read_threads(local_ranks: int) -> int:
+    """Reader threads of one rank: its share of this node's CPUs (the CPUs it may run on,
+    divided among the node's ``local_ranks`` processes), at most READ_THREADS."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return max(1, min(READ_THREADS, cpus // max(local, 1)))
+    return max(1, min(READ_THREADS, cpus // max(local_ranks, 1)))
 
 
 def split_blobs(blobs: list[Blob], parts: int, min_bytes: int = SPLIT_MIN_BYTES) -> list[list[int]]:

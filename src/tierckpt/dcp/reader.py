@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 
-from .. import layout, metrics
+from .. import fetch, layout, metrics
 from .._collective import arrive
 from .._dist import dist_ready, process_rank
 from .._exit import run_in_background
@@ -207,6 +207,7 @@ class TieredStorageReader(StorageReader):
             self.bytes_read_by_tier,
             self.rank,
             self.log,
+            threads=fetch.read_threads(self.config.local_world_size or 1),
         )
         try:
             loaded = fetcher.fetch_all(blobs)
