@@ -139,6 +139,10 @@ def _rank_entry(
             "RANK": str(rank),
             "WORLD_SIZE": str(world_size),
             "LOCAL_RANK": str(rank),
+            # As torchrun sets them: every rank is on this node (reader threads per rank
+            # are this node's CPUs divided among its ranks).
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "GROUP_RANK": "0",
         }
     )
     import torch

@@ -73,14 +73,15 @@ def _system_modules() -> None:
 # -- on each rank --------------------------------------------------------------
 
 
-def _build_state(opts: Options) -> tuple[Any, Any, Any]:
+def build_state(shape: Any, sharding: str) -> tuple[Any, Any, Any]:
+    """This rank's training state (model + AdamW, sharded), its model and its optimizer."""
     import torch
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from .models import sharded_training_state
     from .systems import State
 
-    model, optim = sharded_training_state(opts.shape, opts.sharding)
+    model, optim = sharded_training_state(shape, sharding)
     msd, osd = get_state_dict(model, optim)
     local: dict[str, torch.Tensor] = {}
 
@@ -198,7 +199,7 @@ def rank_main(rank: int, world_size: int, opts: Options) -> dict[str, Any] | Non
     logging.basicConfig(format="[rank %(process)d] %(levelname)s %(name)s: %(message)s")
     logging.getLogger("tierckpt").setLevel(opts.log_level)
     _system_modules()
-    state, _model, _optim = _build_state(opts)
+    state, _model, _optim = build_state(opts.shape, opts.sharding)
     ctx = RankContext(rank, world_size, opts.shm_dir, opts.disk_dir, opts.keep_last)
     if opts.cold_wait_s:
         dist.barrier()
